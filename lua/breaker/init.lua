@@ -1,0 +1,382 @@
+-- breaker: circuit breakers for Lua and OpenResty.
+--
+--   local breaker = require "breaker"
+--   local b = breaker.new("openai", { failure_rate_threshold = 50 })
+--   local res, err = b:call(fn, ...)      -- err.kind == "breaker_open" when open
+--
+-- The state machine lives in C (src/breaker.c). Under LuaJIT the hot calls
+-- (allow, record) go through FFI so that traces compile; elsewhere, or with
+-- BREAKER_NO_FFI=1 in the environment, the classic binding serves them.
+
+local core = require "breaker.core"
+local errors = require "breaker.error"
+
+local type, pairs, ipairs, pcall, select, setmetatable, tostring, error =
+      type, pairs, ipairs, pcall, select, setmetatable, tostring, error
+local huge = math.huge
+
+local VERSION = require "breaker.version"
+
+local _M = { _VERSION = VERSION }
+
+local STATE_NAMES = { [0] = "closed", "open", "half_open", "forced_open", "disabled" }
+local OUTCOMES = { success = 0, failure = 1, ignored = 2 }
+
+---------------------------------------------------------------------------
+-- FFI fast path (LuaJIT)
+---------------------------------------------------------------------------
+
+local ffi, C
+do
+  local want = not (os.getenv("BREAKER_NO_FFI") or "" ):match("^[1ty]")
+  local ok, f = pcall(require, "ffi")
+  if want and ok and package.searchpath then
+    local path = package.searchpath("breaker.core", package.cpath)
+    if path then
+      if not pcall(f.typeof, "struct breaker_head") then
+        f.cdef [[
+          struct breaker_block;
+          struct breaker_head { int32_t state; uint32_t gen; };
+          double brk_allow(struct breaker_block *b);
+          void brk_record(struct breaker_block *b, double permit, int outcome,
+                          double latency, double retry_after);
+          double brk_now_precise(void);
+        ]]
+      end
+      -- The same file `require` loaded: dlopen hands back the same library,
+      -- so both bindings see one clock and one set of breakers.
+      local lok, lib = pcall(f.load, path)
+      if lok then ffi, C = f, lib end
+    end
+  end
+end
+
+-- Which binding serves allow/record: "ffi" or "classic".
+_M.binding = ffi and "ffi" or "classic"
+
+---------------------------------------------------------------------------
+-- Clock
+---------------------------------------------------------------------------
+
+local now_precise = C and C.brk_now_precise or core.now_precise
+
+-- breaker.clock: the monotonic clock every breaker uses, in seconds.
+-- Specs replace it with freeze/advance instead of sleeping.
+local clock = {
+  now = core.now,                 -- coarse (timers, windows)
+  now_precise = now_precise,      -- precise (latency)
+  sleep = core.sleep,             -- blocks the thread; ngx.sleep under OpenResty
+}
+
+-- Freezes the clock at `t` seconds (default: now).
+function clock.freeze(t)
+  core.clock_set(true, t or core.now_precise())
+end
+
+-- Moves a frozen clock forward by `dt` seconds.
+function clock.advance(dt)
+  if type(dt) ~= "number" or dt < 0 then
+    error("clock.advance: expected seconds >= 0", 2)
+  end
+  if not core.clock_frozen() then
+    error("clock.advance: the clock is not frozen (call clock.freeze first)", 2)
+  end
+  core.clock_set(true, core.now_precise() + dt)
+end
+
+-- Returns to the real clock.
+function clock.unfreeze()
+  core.clock_set(false)
+end
+
+clock.frozen = core.clock_frozen
+_M.clock = clock
+
+---------------------------------------------------------------------------
+-- State-change listeners
+---------------------------------------------------------------------------
+
+local listeners = {}
+
+-- breaker.on_state_change(fn): fn(name, from, to, reason) runs after every
+-- transition of every breaker. Returns a function that removes it.
+function _M.on_state_change(fn)
+  if type(fn) ~= "function" then
+    error("breaker.on_state_change: expected a function", 2)
+  end
+  listeners[#listeners + 1] = fn
+  return function()
+    for i = #listeners, 1, -1 do
+      if listeners[i] == fn then table.remove(listeners, i) end
+    end
+  end
+end
+
+local function report_callback_error(b, err)
+  b.last_callback_error = tostring(err)
+  local ngx = _G.ngx
+  if ngx and ngx.log then
+    ngx.log(ngx.WARN, "breaker '", b.name, "': state-change callback failed: ", tostring(err))
+  end
+end
+
+---------------------------------------------------------------------------
+-- Breaker objects
+---------------------------------------------------------------------------
+
+local B = {}
+local mt = { __index = B }
+
+-- Weak values: the registry never keeps a breaker alive.
+local registry = setmetatable({}, { __mode = "v" })
+
+-- Fires the callbacks for transitions since the generation this object saw.
+local function notice(self)
+  local list = self._ud:transitions(self._gen)
+  self._gen = self._ud:generation()
+  for _, t in ipairs(list) do
+    local cb = self._on_change
+    if cb then
+      local ok, err = pcall(cb, self.name, t.from, t.to, t.reason)
+      if not ok then report_callback_error(self, err) end
+    end
+    for i = 1, #listeners do
+      local ok, err = pcall(listeners[i], self.name, t.from, t.to, t.reason)
+      if not ok then report_callback_error(self, err) end
+    end
+  end
+end
+
+local function open_error(self, retry_after)
+  local state = self:state()
+  local msg
+  if state == "half_open" then
+    msg = "breaker '" .. self.name .. "' is half-open and all its probes are taken"
+  elseif state == "forced_open" then
+    msg = "breaker '" .. self.name .. "' is forced open"
+  else
+    msg = "breaker '" .. self.name .. "' is open"
+  end
+  return errors.new("breaker_open", msg, {
+    breaker = self.name, state = state, retry_after = retry_after,
+  })
+end
+
+local allow, record, state
+
+if C then
+  allow = function(self)
+    local p = C.brk_allow(self._p)
+    if self._h.gen ~= self._gen then notice(self) end
+    if p > 0 then return p end
+    return nil, open_error(self, -p - 1)
+  end
+
+  record = function(self, permit, outcome, latency, retry_after)
+    local o = OUTCOMES[outcome]
+    if not o then
+      error("record: outcome must be \"success\", \"failure\" or \"ignored\", got "
+            .. tostring(outcome), 2)
+    end
+    if type(permit) ~= "number" then
+      error("record: expected the permit returned by allow(), got " .. type(permit), 2)
+    end
+    latency = latency or 0
+    if type(latency) ~= "number" or not (latency >= 0) then
+      error("record: latency must be seconds >= 0", 2)
+    end
+    retry_after = retry_after or 0
+    if type(retry_after) ~= "number" or not (retry_after >= 0) then
+      error("record: retry_after must be seconds >= 0", 2)
+    end
+    C.brk_record(self._p, permit, o, latency, retry_after)
+    if self._h.gen ~= self._gen then notice(self) end
+  end
+
+  state = function(self)
+    return STATE_NAMES[self._h.state]
+  end
+else
+  allow = function(self)
+    local p, ra = self._ud:allow()
+    if self._ud:generation() ~= self._gen then notice(self) end
+    if p then return p end
+    return nil, open_error(self, ra)
+  end
+
+  record = function(self, permit, outcome, latency, retry_after)
+    if type(permit) ~= "number" then
+      error("record: expected the permit returned by allow(), got " .. type(permit), 2)
+    end
+    if OUTCOMES[outcome] == nil then
+      error("record: outcome must be \"success\", \"failure\" or \"ignored\", got "
+            .. tostring(outcome), 2)
+    end
+    self._ud:record(permit, outcome, latency or 0, retry_after or 0)
+    if self._ud:generation() ~= self._gen then notice(self) end
+  end
+
+  state = function(self)
+    return self._ud:state()
+  end
+end
+
+-- b:allow() -> permit, or nil, err (err.kind "breaker_open", err.retry_after
+-- seconds until a probe may go, err.state). Never raises for a rejection.
+B.allow = allow
+
+-- b:record(permit, outcome, latency [, retry_after]): outcome is "success",
+-- "failure" or "ignored"; latency in seconds; retry_after (seconds, e.g. an
+-- upstream's Retry-After) stretches the open time if this result opens it.
+B.record = record
+
+-- b:state() -> "closed" | "open" | "half_open" | "forced_open" | "disabled"
+B.state = state
+
+local function finish(self, permit, t0, ok, ...)
+  local latency = now_precise() - t0
+  if not ok then
+    record(self, permit, "failure", latency)
+    local e = ...
+    if errors.is(e) then return nil, e end
+    return nil, errors.new("error", tostring(e), { breaker = self.name, cause = e })
+  end
+  if (...) == nil and select("#", ...) > 1 and select(2, ...) ~= nil then
+    record(self, permit, "failure", latency)   -- the Lua convention: nil, err
+  else
+    record(self, permit, "success", latency)
+  end
+  return ...
+end
+
+-- b:call(fn, ...) -> fn's results, or nil, err. Rejects at once while open
+-- (err.kind "breaker_open"). A raised error or a `nil, err` return counts as
+-- a failure; a raised error comes back as nil, err (kind "error" unless it
+-- was already a breaker.error).
+function B:call(fn, ...)
+  local permit, err = allow(self)
+  if not permit then return nil, err end
+  return finish(self, permit, now_precise(), pcall(fn, ...))
+end
+
+-- Operator overrides. force_open() rejects everything until reset();
+-- disable() admits everything (outcomes still recorded, no transitions);
+-- reset() returns to closed with an empty window.
+function B:force_open() self._ud:force_open(); notice(self) end
+function B:disable() self._ud:disable(); notice(self) end
+function B:reset() self._ud:reset(); notice(self) end
+
+-- b:stats() -> table; see the README's "stats" section.
+function B:stats()
+  local st = self._ud:stats()
+  st.name = self.name
+  return st
+end
+
+-- b:config() -> the effective config (every key filled).
+function B:config()
+  return self._ud:config()
+end
+
+-- b:on_state_change(fn): fn(name, from, to, reason) after this breaker's
+-- transitions (replaces the one given in the config).
+function B:on_state_change(fn)
+  if fn ~= nil and type(fn) ~= "function" then
+    error("on_state_change: expected a function or nil", 2)
+  end
+  self._on_change = fn
+end
+
+-- A closed breaker keeps its name; every method raises.
+local closed_mt = {
+  __index = function(_, k)
+    if k == "close" then return function() end end
+    error("breaker: attempt to use a closed breaker (method '" .. tostring(k) .. "')", 2)
+  end,
+  __tostring = function(self) return "breaker '" .. self.name .. "' (closed)" end,
+}
+
+-- b:close(): frees the C block and forgets the name; idempotent, and any
+-- other use afterwards raises.
+function B:close()
+  if registry[self.name] == self then registry[self.name] = nil end
+  local ud = self._ud
+  self._p, self._h, self._ud = nil, nil, nil
+  setmetatable(self, closed_mt)
+  ud:close()
+end
+
+mt.__tostring = function(self)
+  return "breaker '" .. self.name .. "' (" .. state(self) .. ")"
+end
+
+-- Lua-side config keys; the rest is validated by the C binding.
+local LUA_KEYS = { on_state_change = "function" }
+
+-- breaker.new(name, config) -> breaker. Raises on a bad name or config
+-- (naming the key), or if a breaker of that name exists.
+function _M.new(name, config)
+  if type(name) ~= "string" or name == "" then
+    error("breaker.new: expected a non-empty name string as #1", 2)
+  end
+  if config ~= nil and type(config) ~= "table" then
+    error("breaker.new: expected a config table as #2, got " .. type(config), 2)
+  end
+  if registry[name] then
+    error("breaker.new: a breaker named '" .. name .. "' exists (use breaker.get)", 2)
+  end
+  local cfg, extra = {}, {}
+  for k, v in pairs(config or {}) do
+    if LUA_KEYS[k] then
+      if type(v) ~= LUA_KEYS[k] then
+        error("breaker config: bad value for '" .. k .. "' (expected a "
+              .. LUA_KEYS[k] .. ", got " .. type(v) .. ")", 2)
+      end
+      extra[k] = v
+    else
+      cfg[k] = v
+    end
+  end
+  local ok, ud = pcall(core.new, cfg)
+  if not ok then error(ud, 2) end
+  local self = setmetatable({
+    name = name,
+    _ud = ud,
+    _gen = ud:generation(),
+    _on_change = extra.on_state_change,
+  }, mt)
+  if ffi then
+    self._p = ffi.cast("struct breaker_block *", ud:pointer())
+    self._h = ffi.cast("struct breaker_head *", self._p)
+  end
+  registry[name] = self
+  return self
+end
+
+-- breaker.get(name) -> the breaker of that name, or nil.
+function _M.get(name)
+  return registry[name]
+end
+
+-- breaker.each() -> iterator over (name, breaker) of the live breakers.
+function _M.each()
+  return pairs(registry)
+end
+
+-- breaker.defaults() -> the default config table.
+_M.defaults = core.defaults
+
+-- breaker.validate(config) -> the config with defaults filled; raises like new.
+function _M.validate(config)
+  local cfg = {}
+  for k, v in pairs(config or {}) do
+    if not LUA_KEYS[k] then cfg[k] = v end
+  end
+  local ok, res = pcall(core.validate, cfg)
+  if not ok then error(res, 2) end
+  return res
+end
+
+_M.STATES = { "closed", "open", "half_open", "forced_open", "disabled" }
+
+return _M

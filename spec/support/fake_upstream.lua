@@ -1,0 +1,529 @@
+-- fake_upstream: request handlers of the fake LLM provider that breaker's
+-- specs, benchmarks and demo run against (nginx + lua-nginx-module).
+--
+-- It speaks a small OpenAI-compatible API, counts what it receives in a
+-- lua_shared_dict (so counts are exact with any number of workers), and
+-- misbehaves on request: per call through the `x-fake-fault` request header,
+-- or through a scripted scenario set on /_control/scenario. README.md in this
+-- directory documents every fault and control endpoint.
+
+local cjson = require "cjson.safe"
+
+local ngx = ngx
+local dict = ngx.shared.fake_upstream
+local type, tonumber, tostring, pairs, ipairs = type, tonumber, tostring, pairs, ipairs
+local floor, ceil, min, max = math.floor, math.ceil, math.min, math.max
+local concat, format, rep = table.concat, string.format, string.rep
+
+local _M = {}
+
+local api_key            -- the Bearer key /v1/* requires; nil accepts anything
+local SMALL_CONTEXT = 1024  -- tokens the "small-context" model accepts
+local MAX_STEPS = 100000    -- scenario steps after expanding `times`
+local MODELS = { "gpt-fake", "gpt-fake-mini", "small-context", "text-embedding-fake" }
+
+-- Called from init_by_lua with the key the server was started with ("" = none).
+function _M.init(opts)
+  api_key = opts.api_key ~= "" and opts.api_key or nil
+end
+
+---------------------------------------------------------------------------
+-- Responses
+---------------------------------------------------------------------------
+
+local function json_encode(v)
+  return (assert(cjson.encode(v)))
+end
+
+-- Sends `body` with an exact Content-Length; with `f.body_delay` the body goes
+-- out in `f.chunks` (default 4) flushed pieces with a pause between them.
+local function send_body(status, body, content_type, f)
+  ngx.status = status
+  ngx.header["Content-Type"] = content_type or "application/json"
+  ngx.header["Content-Length"] = #body
+  local body_delay = f and tonumber(f.body_delay)
+  if not body_delay or body_delay <= 0 or #body < 2 then
+    ngx.print(body)
+    return ngx.exit(status)
+  end
+  local pieces = max(1, min(#body, tonumber(f.chunks) or 4))
+  local step = ceil(#body / pieces)
+  for i = 1, #body, step do
+    if i > 1 then ngx.sleep(body_delay) end
+    ngx.print(body:sub(i, i + step - 1))
+    if not ngx.flush(true) then return ngx.exit(ngx.OK) end
+  end
+  return ngx.exit(status)
+end
+
+local function send_json(status, value, f)
+  return send_body(status, json_encode(value), "application/json", f)
+end
+
+-- The error body every provider error uses, in OpenAI's shape.
+local function send_error(status, message, etype, code, param, f)
+  return send_json(status, { error = {
+    message = message,
+    type = etype,
+    param = param or cjson.null,
+    code = code or cjson.null,
+  } }, f)
+end
+
+local STATUS_ERRORS = {
+  [400] = { "Bad request.", "invalid_request_error" },
+  [401] = { "Incorrect API key provided", "invalid_request_error", "invalid_api_key" },
+  [403] = { "You are not allowed to sample from this model.", "invalid_request_error" },
+  [404] = { "The model does not exist or you do not have access to it.",
+            "invalid_request_error", "model_not_found" },
+  [408] = { "Request timed out.", "timeout" },
+  [429] = { "Rate limit reached for requests. Please try again later.",
+            "requests", "rate_limit_exceeded" },
+  [500] = { "The server had an error while processing your request. Sorry about that!",
+            "server_error" },
+  [502] = { "Bad gateway.", "server_error" },
+  [503] = { "The engine is currently overloaded, please try again later.", "server_error" },
+  [504] = { "Gateway timeout.", "server_error" },
+  [529] = { "Overloaded", "overloaded_error" },
+}
+
+local function send_status_error(status, f)
+  local e = STATUS_ERRORS[status]
+  if e then return send_error(status, e[1], e[2], e[3], nil, f) end
+  return send_error(status, "HTTP " .. status,
+                    status >= 500 and "server_error" or "invalid_request_error", nil, nil, f)
+end
+
+-- Formats a duration the way OpenAI's x-ratelimit-reset-* headers do:
+-- "20ms", "1s", "1.5s", "6m0s", "1h2m3s".
+local function duration(d)
+  if d < 1 then return format("%dms", max(1, ceil(d * 1000))) end
+  local function secs(s)
+    local t = format("%.3f", s):gsub("0+$", ""):gsub("%.$", "")
+    return t .. "s"
+  end
+  if d < 60 then return secs(d) end
+  local h = floor(d / 3600)
+  local m = floor((d - h * 3600) / 60)
+  local s = d - h * 3600 - m * 60
+  if h > 0 then return format("%dh%dm%s", h, m, secs(s)) end
+  return format("%dm%s", m, secs(s))
+end
+
+-- Retry-After style headers a fault asked for; they go on any response.
+local function set_retry_headers(f)
+  if f.retry_after then ngx.header["Retry-After"] = tostring(f.retry_after) end
+  local at = tonumber(f.retry_after_date)
+  if at then ngx.header["Retry-After"] = ngx.http_time(ngx.time() + floor(at)) end
+  if f.retry_after_ms then ngx.header["retry-after-ms"] = tostring(f.retry_after_ms) end
+  if f.should_retry then ngx.header["x-should-retry"] = tostring(f.should_retry) end
+end
+
+---------------------------------------------------------------------------
+-- Bookkeeping: counters, scenario, rate limit
+---------------------------------------------------------------------------
+
+local function count_request()
+  ngx.update_time()
+  dict:incr("requests", 1, 0)
+  dict:incr("path:" .. ngx.var.uri, 1, 0)
+  -- $connection is a serial number shared by all workers; the pid keeps the
+  -- key unique even if it were not.
+  if dict:add("conn:" .. ngx.worker.pid() .. ":" .. ngx.var.connection, true) then
+    dict:incr("connections", 1, 0)
+  end
+end
+
+local function read_body()
+  ngx.req.read_body()
+  return ngx.req.get_body_data() or ""
+end
+
+local function remember_request(body)
+  dict:set("last_request", json_encode({
+    method = ngx.req.get_method(),
+    path = ngx.var.uri,
+    args = ngx.var.args or "",
+    headers = ngx.req.get_headers(100),
+    body = body:sub(1, 65536),
+  }))
+end
+
+-- The fault for this request: the x-fake-fault header, else the next
+-- scenario step, else nil (behave normally).
+local function next_fault()
+  local h = ngx.req.get_headers()["x-fake-fault"]
+  if type(h) == "table" then h = h[1] end
+  if h then return ngx.decode_args(h, 0) end
+  local n = dict:get("steps")
+  if n and n > 0 then
+    local pos = dict:incr("step_pos", 1, 0)
+    if pos <= n then return cjson.decode(dict:get("step:" .. pos) or "{}") end
+  end
+  return nil
+end
+
+local function lock()
+  for _ = 1, 5000 do
+    if dict:add("rl_lock", true, 0.5) then return true end
+    ngx.sleep(0.001)
+  end
+  return false
+end
+
+-- Requests-per-minute limit as a generic cell rate algorithm (a token bucket
+-- holding `rpm` requests, refilled at rpm/60 per second). Sends OpenAI's
+-- x-ratelimit-* headers; returns false after sending the 429 when exceeded.
+local function rate_limit()
+  local rpm = dict:get("rpm")
+  if not rpm or rpm <= 0 then return true end
+  local interval = 60 / rpm
+  if not lock() then return true end
+  ngx.update_time()
+  local now = ngx.now()
+  local tat = max(dict:get("rl_tat") or now, now)
+  local new_tat = tat + interval
+  local allow_at = new_tat - 60
+  local ok = now >= allow_at - 1e-9
+  if ok then dict:set("rl_tat", new_tat) end
+  dict:delete("rl_lock")
+  ngx.header["x-ratelimit-limit-requests"] = tostring(rpm)
+  if ok then
+    ngx.header["x-ratelimit-remaining-requests"] =
+      tostring(max(0, floor((now + 60 - new_tat) / interval + 1e-9)))
+    ngx.header["x-ratelimit-reset-requests"] = duration(new_tat - now)
+    return true
+  end
+  local wait = allow_at - now
+  ngx.header["x-ratelimit-remaining-requests"] = "0"
+  ngx.header["x-ratelimit-reset-requests"] = duration(tat - now)
+  ngx.header["Retry-After"] = tostring(max(1, ceil(wait)))
+  dict:incr("rate_limited", 1, 0)
+  send_error(429, format("Rate limit reached for requests on requests per min (RPM): " ..
+                         "Limit %d, Used %d, Requested 1. Please try again in %s.",
+                         rpm, rpm, duration(wait)),
+             "requests", "rate_limit_exceeded")
+  return false
+end
+
+---------------------------------------------------------------------------
+-- The API
+---------------------------------------------------------------------------
+
+local function authorized()
+  if not api_key then return true end
+  local h = ngx.req.get_headers()["authorization"]
+  if type(h) == "table" then h = h[1] end
+  return h == "Bearer " .. api_key
+end
+
+local function tokens(text)
+  return max(1, ceil(#text / 4))
+end
+
+local function message_text(m)
+  if type(m) ~= "table" then return "" end
+  if type(m.content) == "string" then return m.content end
+  if type(m.content) == "table" then  -- content parts
+    local t = {}
+    for _, part in ipairs(m.content) do
+      if type(part) == "table" and type(part.text) == "string" then t[#t + 1] = part.text end
+    end
+    return concat(t, " ")
+  end
+  return ""
+end
+
+local function stream_events(id, model, content, created)
+  local events = {}
+  local function chunk(delta, finish)
+    events[#events + 1] = json_encode({
+      id = id, object = "chat.completion.chunk", created = created, model = model,
+      choices = { { index = 0, delta = delta, finish_reason = finish or cjson.null } },
+    })
+  end
+  chunk({ role = "assistant", content = "" })
+  for piece in content:gmatch("%S+%s*") do chunk({ content = piece }) end
+  chunk({}, "stop")  -- an empty table encodes as {}
+  return events
+end
+
+-- Sends Server-Sent Events; with `die_after` closes the connection after that
+-- many events, without the final chunk or [DONE].
+local function send_stream(events, f, die_after)
+  ngx.status = 200
+  ngx.header["Content-Type"] = "text/event-stream"
+  ngx.header["Cache-Control"] = "no-cache"
+  local body_delay = tonumber(f.body_delay)
+  for i, ev in ipairs(events) do
+    if die_after and i > die_after then break end
+    if i > 1 and body_delay and body_delay > 0 then ngx.sleep(body_delay) end
+    ngx.print("data: ", ev, "\n\n")
+    if not ngx.flush(true) then return ngx.exit(ngx.OK) end
+  end
+  if die_after then return ngx.exit(444) end
+  ngx.print("data: [DONE]\n\n")
+  return ngx.exit(200)
+end
+
+local function chat(body, f)
+  local req = cjson.decode(body)
+  if type(req) ~= "table" then
+    return send_error(400, "We could not parse the JSON body of your request. (HINT: This " ..
+                      "likely means you aren't using your HTTP library correctly.)",
+                      "invalid_request_error")
+  end
+  if type(req.model) ~= "string" then
+    return send_error(400, "you must provide a model parameter", "invalid_request_error", nil, nil)
+  end
+  if type(req.messages) ~= "table" or #req.messages == 0 then
+    return send_error(400, "'messages' is a required property", "invalid_request_error",
+                      nil, "messages")
+  end
+  local texts, content = {}, nil
+  for _, m in ipairs(req.messages) do
+    texts[#texts + 1] = message_text(m)
+    if type(m) == "table" and m.role == "user" then content = texts[#texts] end
+  end
+  local prompt_tokens = tokens(concat(texts, "\n"))
+  if req.model == "small-context" and prompt_tokens > SMALL_CONTEXT then
+    return send_error(400, format("This model's maximum context length is %d tokens. However, " ..
+                      "your messages resulted in %d tokens. Please reduce the length of the " ..
+                      "messages.", SMALL_CONTEXT, prompt_tokens),
+                      "invalid_request_error", "context_length_exceeded", "messages")
+  end
+  content = content or "Hello from the fake upstream."
+  local id = "chatcmpl-fake" .. dict:incr("ids", 1, 0)
+  local created = ngx.time()
+  if req.stream == true then
+    return send_stream(stream_events(id, req.model, content, created), f)
+  end
+  local completion_tokens = tokens(content)
+  return send_json(200, {
+    id = id, object = "chat.completion", created = created, model = req.model,
+    choices = { { index = 0, message = { role = "assistant", content = content },
+                  finish_reason = "stop" } },
+    usage = { prompt_tokens = prompt_tokens, completion_tokens = completion_tokens,
+              total_tokens = prompt_tokens + completion_tokens },
+  }, f)
+end
+
+local function embeddings(body, f)
+  local req = cjson.decode(body)
+  if type(req) ~= "table" or type(req.model) ~= "string" then
+    return send_error(400, "you must provide a model parameter", "invalid_request_error")
+  end
+  local inputs = req.input
+  if type(inputs) == "string" then inputs = { inputs } end
+  if type(inputs) ~= "table" or #inputs == 0 then
+    return send_error(400, "'input' is a required property", "invalid_request_error",
+                      nil, "input")
+  end
+  local dims = min(4096, max(1, floor(tonumber(req.dimensions) or 8)))
+  local data, used = {}, 0
+  for i, text in ipairs(inputs) do
+    text = tostring(text)
+    used = used + tokens(text)
+    local v = {}
+    for d = 1, dims do
+      -- deterministic pseudo-embedding in [-1, 1]
+      v[d] = (ngx.crc32_long(text .. "#" .. d) % 20001) / 10000 - 1
+    end
+    data[i] = { object = "embedding", index = i - 1, embedding = v }
+  end
+  return send_json(200, { object = "list", data = data, model = req.model,
+                          usage = { prompt_tokens = used, total_tokens = used } }, f)
+end
+
+local function models(f)
+  local data = {}
+  for i, id in ipairs(MODELS) do
+    data[i] = { id = id, object = "model", created = 1700000000, owned_by = "fake-upstream" }
+  end
+  return send_json(200, { object = "list", data = data }, f)
+end
+
+-- /echo: what the server received, for transport specs.
+local function echo(body, f)
+  return send_json(200, {
+    method = ngx.req.get_method(),
+    path = ngx.var.uri,
+    args = ngx.var.args or "",
+    headers = ngx.req.get_headers(100),
+    body = body,
+    body_length = #body,
+    body_md5 = ngx.md5(body),
+    connection = tonumber(ngx.var.connection),
+  }, f)
+end
+
+local ROUTES = {
+  ["/v1/chat/completions"] = { "POST", chat, true },
+  ["/v1/embeddings"] = { "POST", embeddings, true },
+  ["/v1/models"] = { "GET", models, true },
+}
+
+local function route(body, f)
+  local path, method = ngx.var.uri, ngx.req.get_method()
+  if path == "/echo" then return echo(body, f) end
+  local r = ROUTES[path]
+  if not r then
+    return send_error(404, format("Invalid URL (%s %s)", method, path), "invalid_request_error")
+  end
+  if r[3] and not authorized() then
+    return send_error(401, "Incorrect API key provided", "invalid_request_error",
+                      "invalid_api_key")
+  end
+  if not rate_limit() then return end
+  if method ~= r[1] then
+    return send_error(405, format("Invalid method for URL (%s %s)", method, path),
+                      "invalid_request_error")
+  end
+  return r[2](body, f)
+end
+
+---------------------------------------------------------------------------
+-- Faults
+---------------------------------------------------------------------------
+
+-- Closes the connection: after status line, headers and part of a promised
+-- body (default), or right after reading the request (`after=request`).
+local function reset(f)
+  if f.after == "request" then return ngx.exit(444) end
+  ngx.status = 200
+  ngx.header["Content-Type"] = "application/json"
+  ngx.header["Content-Length"] = 1000
+  ngx.print('{"id":"chatcmpl-reset","object":"chat.')
+  ngx.flush(true)
+  return ngx.exit(444)
+end
+
+local function oversize(f)
+  local size = floor(tonumber(f.size) or (16 * 1024 * 1024 + 1))
+  ngx.status = 200
+  ngx.header["Content-Type"] = "text/plain"
+  if f.chunked ~= "true" and f.chunked ~= true then ngx.header["Content-Length"] = size end
+  local block = rep("x", 65536)
+  local left, sent = size, 0
+  while left > 0 do
+    local n = min(left, #block)
+    if not ngx.print(n == #block and block or block:sub(1, n)) then break end
+    left, sent = left - n, sent + n
+    if sent % (1024 * 1024) == 0 or left == 0 then
+      if not ngx.flush(true) then break end
+    end
+  end
+  return ngx.exit(ngx.OK)
+end
+
+local function malformed(f)
+  return send_body(200, '{"id":"chatcmpl-malformed","object":"chat.completion","choices":' ..
+                        '[{"index":0,"message":{"role":"assistant","content":"trunc',
+                   "application/json", f)
+end
+
+-- Entry point for every non-control request.
+function _M.api()
+  count_request()
+  local body = read_body()
+  remember_request(body)
+  local f = next_fault() or {}
+  local fault = f.fault or "ok"
+  local delay = tonumber(f.delay)
+  if fault == "slow" and not delay and not f.body_delay then delay = 1 end
+  if delay and delay > 0 then ngx.sleep(delay) end
+  set_retry_headers(f)
+
+  if fault == "ok" or fault == "slow" then return route(body, f) end
+  if fault == "reset" then return reset(f) end
+  if fault == "quota" then
+    return send_error(429, "You exceeded your current quota, please check your plan and " ..
+                      "billing details.", "insufficient_quota", "insufficient_quota", nil, f)
+  end
+  if fault == "malformed" then return malformed(f) end
+  if fault == "oversize" then return oversize(f) end
+  if fault == "stream_die" then
+    local events = stream_events("chatcmpl-dying", "gpt-fake",
+                                 "this stream will die before it is done", ngx.time())
+    return send_stream(events, f, floor(tonumber(f.events) or 2))
+  end
+  local status = tonumber(fault)
+  if status and status >= 100 and status <= 599 then
+    return send_status_error(floor(status), f)
+  end
+  return send_error(400, "fake upstream: unknown fault " .. tostring(fault),
+                    "invalid_request_error", "unknown_fault")
+end
+
+---------------------------------------------------------------------------
+-- Control endpoints (never counted as API requests)
+---------------------------------------------------------------------------
+
+local function stats()
+  local paths = {}
+  for _, k in ipairs(dict:get_keys(0)) do
+    local p = k:match("^path:(.*)$")
+    if p then paths[p] = dict:get(k) end
+  end
+  return {
+    requests = dict:get("requests") or 0,
+    connections = dict:get("connections") or 0,
+    rate_limited = dict:get("rate_limited") or 0,
+    scenario_left = max(0, (dict:get("steps") or 0) - (dict:get("step_pos") or 0)),
+    paths = paths,
+  }
+end
+
+local function set_scenario(steps)
+  if type(steps) ~= "table" then return nil, "scenario must be a JSON array of steps" end
+  local list = {}
+  for i, step in ipairs(steps) do
+    if type(step) ~= "table" then return nil, "step " .. i .. " is not an object" end
+    local times = tonumber(step.times or 1)
+    if not times or times < 0 or #list + times > MAX_STEPS then
+      return nil, "step " .. i .. ": bad times"
+    end
+    local s = {}
+    for k, v in pairs(step) do if k ~= "times" then s[k] = v end end
+    local encoded = json_encode(s)
+    for _ = 1, times do list[#list + 1] = encoded end
+  end
+  dict:set("steps", 0)
+  dict:set("step_pos", 0)
+  for i, encoded in ipairs(list) do
+    local ok, err = dict:set("step:" .. i, encoded)
+    if not ok then return nil, "shared dict: " .. tostring(err) end
+  end
+  dict:set("steps", #list)
+  return #list
+end
+
+-- Entry point for /_control/*.
+function _M.control()
+  local op = ngx.var.uri:match("^/_control/([%w_]+)$")
+  if op == "ping" then
+    return send_json(200, { ok = true, pid = ngx.worker.pid() })
+  elseif op == "stats" then
+    return send_json(200, stats())
+  elseif op == "last_request" then
+    return send_body(200, dict:get("last_request") or "null", "application/json")
+  elseif ngx.req.get_method() ~= "POST" then
+    return send_error(405, "control: use POST for " .. tostring(op), "invalid_request_error")
+  elseif op == "reset" then
+    dict:flush_all()
+    dict:flush_expired()
+    return send_json(200, { ok = true })
+  elseif op == "scenario" then
+    local n, err = set_scenario(cjson.decode(read_body()))
+    if not n then return send_error(400, "control: " .. err, "invalid_request_error") end
+    return send_json(200, { ok = true, steps = n })
+  elseif op == "rate_limit" then
+    local rpm = tonumber(ngx.req.get_uri_args().rpm) or 0
+    dict:set("rpm", max(0, floor(rpm)))
+    dict:delete("rl_tat")
+    return send_json(200, { ok = true, rpm = rpm })
+  end
+  return send_error(404, "control: unknown endpoint " .. ngx.var.uri, "invalid_request_error")
+end
+
+return _M

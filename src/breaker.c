@@ -1,0 +1,798 @@
+/*
+ * breaker.c - circuit breaker state machine (see breaker.h).
+ *
+ * Layout of a breaker: struct brk followed by its window, either
+ * window_size outcome bytes (count window) or window_buckets time buckets.
+ * Nothing inside is a pointer, so the block can move between processes.
+ */
+#include "breaker.h"
+
+#include <errno.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#define BRK_MAGIC 0x42524b31u /* "BRK1" */
+#define NS 1000000000.0
+
+/* Count-window slot: one byte per outcome. */
+#define SLOT_USED 0x01
+#define SLOT_FAIL 0x02
+#define SLOT_SLOW 0x04
+
+/* Permit encoding: generation * 4 + kind, exact as a double up to 2^51. */
+#define PERMIT_CLOSED 1
+#define PERMIT_PROBE 2
+#define PERMIT_DISABLED 3
+
+/* The histogram halves every bucket once it holds this many samples, so the
+ * percentiles follow roughly the last HIST_DECAY calls. */
+#define HIST_DECAY 16384u
+/* Histogram unit: 8 microseconds. */
+#define HIST_UNITS_PER_SEC 125000.0
+
+typedef struct brk_bucket {
+	int64_t epoch;                  /* which bucket_ns-long slice of time */
+	uint32_t calls, failures, slow; /* calls = successes + failures */
+	uint32_t ignored, rejected, late;
+} brk_bucket;
+
+struct brk {
+	/* Read by LuaJIT FFI as brk_head_t: keep these two first. */
+	int32_t state;
+	uint32_t gen;
+
+	uint32_t magic;
+	uint32_t size;                  /* bytes of the whole block */
+	brk_config cfg;
+
+	int64_t state_since;            /* ns */
+	int64_t open_until;             /* ns, while open */
+	int64_t open_ns;                /* duration of the current/last open period */
+	int64_t probe_progress;         /* ns of the last half-open grant or result */
+	int64_t bucket_ns;              /* time window: width of a bucket */
+	int64_t head_epoch;             /* time window: newest bucket epoch */
+	int64_t head_end;               /* time window: ns when the head bucket ends */
+	uint32_t head_slot;             /* time window: slot of the head bucket */
+
+	uint32_t probes_granted, probes_succeeded;
+	uint32_t consec_failures;
+	uint32_t reopen_level;
+
+	/* Count window: ring position, filled slots and running totals. The
+	 * time window keeps its totals here too (sum of live buckets). */
+	uint32_t pos, filled;
+	uint32_t w_calls, w_failures, w_slow;
+	uint32_t w_ignored, w_rejected, w_late;
+
+	uint64_t transitions, opened;
+	uint64_t total_calls, total_failures, total_rejected;
+	uint64_t rng;
+
+	uint32_t log_next;              /* total entries ever written */
+	brk_transition log[BRK_LOG_SIZE];
+
+	uint32_t hist_total;
+	uint16_t hist[BRK_HIST_BUCKETS];
+
+	/* Window storage: uint8_t[window_size] or brk_bucket[window_buckets]. */
+	_Alignas(8) unsigned char window[];
+};
+
+/* ======================================================================
+ * Clock
+ * ====================================================================== */
+
+static int clock_frozen;
+static int64_t clock_frozen_ns;
+
+static int64_t ts_ns(const struct timespec *ts)
+{
+	return (int64_t)ts->tv_sec * 1000000000 + ts->tv_nsec;
+}
+
+static int64_t now_coarse_ns(void)
+{
+	struct timespec ts;
+	if (clock_frozen)
+		return clock_frozen_ns;
+#ifdef CLOCK_MONOTONIC_COARSE
+	clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+#else
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+#endif
+	return ts_ns(&ts);
+}
+
+static int64_t now_precise_ns(void)
+{
+	struct timespec ts;
+	if (clock_frozen)
+		return clock_frozen_ns;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return ts_ns(&ts);
+}
+
+double brk_now(void)
+{
+	return (double)now_coarse_ns() / NS;
+}
+
+double brk_now_precise(void)
+{
+	return (double)now_precise_ns() / NS;
+}
+
+void brk_clock_set(int frozen, double seconds)
+{
+	clock_frozen_ns = (int64_t)(seconds * NS);
+	clock_frozen = frozen != 0;
+}
+
+int brk_clock_frozen(void)
+{
+	return clock_frozen;
+}
+
+void brk_sleep(double seconds)
+{
+	struct timespec ts, rem;
+	if (!(seconds > 0))
+		return;
+	if (seconds > 1e9)
+		seconds = 1e9;
+	ts.tv_sec = (time_t)seconds;
+	ts.tv_nsec = (long)((seconds - (double)ts.tv_sec) * NS);
+	if (ts.tv_nsec >= 1000000000)
+		ts.tv_nsec = 999999999;
+	while (nanosleep(&ts, &rem) != 0 && errno == EINTR)
+		ts = rem;
+}
+
+/* ======================================================================
+ * Configuration
+ * ====================================================================== */
+
+void brk_config_default(brk_config *cfg)
+{
+	memset(cfg, 0, sizeof(*cfg));
+	cfg->window_type = BRK_WINDOW_COUNT;
+	cfg->window_size = 20;
+	cfg->window_buckets = 10;
+	cfg->minimum_calls = 10;
+	cfg->failure_rate_threshold = 50;
+	cfg->slow_call_rate_threshold = -1;
+	cfg->slow_call_duration = 60;
+	cfg->consecutive_failures = 5;
+	cfg->half_open_calls = 3;
+	cfg->open_duration = 30;
+	cfg->open_duration_factor = 1;
+	cfg->open_duration_max = 600;
+	cfg->open_duration_jitter = 0;
+	cfg->probe_timeout = 120;
+}
+
+static int bad_rate(double r)
+{
+	return isnan(r) || (r >= 0 && (r <= 0 || r > 100));
+}
+
+static int bad_duration(double d)
+{
+	return !(d >= 0) || isinf(d);
+}
+
+const char *brk_config_check(const brk_config *c)
+{
+	if (c->window_type != BRK_WINDOW_COUNT && c->window_type != BRK_WINDOW_TIME)
+		return "window_type: expected \"count\" or \"time\"";
+	if (c->window_size < 1)
+		return "window_size: expected an integer >= 1";
+	if (c->window_type == BRK_WINDOW_COUNT && c->window_size > 1000000)
+		return "window_size: expected at most 1000000 outcomes for a count window";
+	if (c->window_type == BRK_WINDOW_TIME && c->window_size > 86400)
+		return "window_size: expected at most 86400 seconds for a time window";
+	if (c->window_buckets < 1 || c->window_buckets > 3600)
+		return "window_buckets: expected an integer in [1, 3600]";
+	if (c->window_type == BRK_WINDOW_TIME &&
+	    (double)c->window_size / c->window_buckets < 0.001)
+		return "window_buckets: expected buckets of at least 1 ms (window_size / window_buckets)";
+	if (c->window_type == BRK_WINDOW_COUNT && c->minimum_calls > c->window_size)
+		return "minimum_calls: expected at most window_size for a count window";
+	if (bad_rate(c->failure_rate_threshold))
+		return "failure_rate_threshold: expected a percentage in (0, 100] or false";
+	if (bad_rate(c->slow_call_rate_threshold))
+		return "slow_call_rate_threshold: expected a percentage in (0, 100] or false";
+	if (bad_duration(c->slow_call_duration) || c->slow_call_duration <= 0)
+		return "slow_call_duration: expected seconds > 0";
+	if (c->half_open_calls < 1 || c->half_open_calls > 1000000)
+		return "half_open_calls: expected an integer in [1, 1000000]";
+	if (bad_duration(c->open_duration))
+		return "open_duration: expected seconds >= 0";
+	if (!(c->open_duration_factor >= 1) || isinf(c->open_duration_factor))
+		return "open_duration_factor: expected a number >= 1";
+	if (bad_duration(c->open_duration_max) || c->open_duration_max < c->open_duration)
+		return "open_duration_max: expected seconds >= open_duration";
+	if (!(c->open_duration_jitter >= 0 && c->open_duration_jitter < 1))
+		return "open_duration_jitter: expected a fraction in [0, 1)";
+	if (bad_duration(c->probe_timeout) || c->probe_timeout <= 0)
+		return "probe_timeout: expected seconds > 0";
+	return NULL;
+}
+
+static size_t window_bytes(const brk_config *cfg)
+{
+	if (cfg->window_type == BRK_WINDOW_TIME)
+		return (size_t)cfg->window_buckets * sizeof(brk_bucket);
+	return ((size_t)cfg->window_size + 7) & ~(size_t)7;
+}
+
+size_t brk_size(const brk_config *cfg)
+{
+	return sizeof(struct brk) + window_bytes(cfg);
+}
+
+const brk_config *brk_get_config(const brk_t *b)
+{
+	return &b->cfg;
+}
+
+/* ======================================================================
+ * Window
+ * ====================================================================== */
+
+static brk_bucket *buckets(brk_t *b)
+{
+	return (brk_bucket *)(void *)b->window;
+}
+
+/* Slot of a bucket epoch (epochs are >= 0 for a real clock; a test clock
+ * may go below). */
+static uint32_t slot_of(int64_t epoch, uint32_t n)
+{
+	int64_t r = epoch % (int64_t)n;
+	return (uint32_t)(r < 0 ? r + n : r);
+}
+
+static int64_t floor_div(int64_t a, int64_t d)
+{
+	int64_t q = a / d;
+	return (a % d != 0 && a < 0) ? q - 1 : q;
+}
+
+static void window_clear(brk_t *b, int64_t now)
+{
+	memset(b->window, 0, window_bytes(&b->cfg));
+	b->pos = b->filled = 0;
+	b->w_calls = b->w_failures = b->w_slow = 0;
+	b->w_ignored = b->w_rejected = b->w_late = 0;
+	if (b->cfg.window_type == BRK_WINDOW_TIME) {
+		uint32_t i, n = b->cfg.window_buckets;
+		int64_t e = floor_div(now, b->bucket_ns);
+		brk_bucket *bk = buckets(b);
+		b->head_epoch = e;
+		b->head_end = (e + 1) * b->bucket_ns;
+		b->head_slot = slot_of(e, n);
+		/* Name every slot by the epoch it would hold, newest = e. */
+		for (i = 0; i < n; i++) {
+			int64_t ep = e - i;
+			bk[slot_of(ep, n)].epoch = ep;
+		}
+	}
+}
+
+/* Time window: moves the head to now's bucket, dropping the buckets that
+ * fell out of the window from the running totals. */
+static brk_bucket *time_advance(brk_t *b, int64_t now)
+{
+	uint32_t n = b->cfg.window_buckets;
+	int64_t e;
+	brk_bucket *bk = buckets(b);
+
+	if (now < b->head_end)
+		return &bk[b->head_slot]; /* still the head bucket (or clock went back) */
+	e = floor_div(now, b->bucket_ns);
+	if (e > b->head_epoch) {
+		int64_t steps = e - b->head_epoch, i;
+		if (steps > (int64_t)n)
+			steps = n;
+		for (i = 1; i <= steps; i++) {
+			int64_t ep = e - steps + i;
+			brk_bucket *x = &bk[slot_of(ep, n)];
+			b->w_calls -= x->calls;
+			b->w_failures -= x->failures;
+			b->w_slow -= x->slow;
+			b->w_ignored -= x->ignored;
+			b->w_rejected -= x->rejected;
+			b->w_late -= x->late;
+			memset(x, 0, sizeof(*x));
+			x->epoch = ep;
+		}
+		b->head_epoch = e;
+		b->head_end = (e + 1) * b->bucket_ns;
+		b->head_slot = slot_of(e, n);
+	}
+	return &bk[b->head_slot];
+}
+
+/* Adds a success/failure to the window. */
+static void window_add(brk_t *b, int failed, int slow, int64_t now)
+{
+	b->w_calls += 1;
+	b->w_failures += (uint32_t)failed;
+	b->w_slow += (uint32_t)slow;
+	if (b->cfg.window_type == BRK_WINDOW_COUNT) {
+		uint8_t *slot = &b->window[b->pos];
+		uint8_t old = *slot;
+		if (old & SLOT_USED) {
+			b->w_calls -= 1;
+			b->w_failures -= (old & SLOT_FAIL) ? 1 : 0;
+			b->w_slow -= (old & SLOT_SLOW) ? 1 : 0;
+		} else {
+			b->filled++;
+		}
+		*slot = (uint8_t)(SLOT_USED | (failed ? SLOT_FAIL : 0) | (slow ? SLOT_SLOW : 0));
+		if (++b->pos == b->cfg.window_size)
+			b->pos = 0;
+	} else {
+		brk_bucket *x = time_advance(b, now);
+		x->calls++;
+		x->failures += (uint32_t)failed;
+		x->slow += (uint32_t)slow;
+	}
+}
+
+/* Counts a rejected, ignored or late call in the window. */
+enum side_count { SIDE_IGNORED, SIDE_REJECTED, SIDE_LATE };
+
+static void window_side(brk_t *b, enum side_count which, int64_t now)
+{
+	brk_bucket *x = NULL;
+	if (b->cfg.window_type == BRK_WINDOW_TIME)
+		x = time_advance(b, now);
+	switch (which) {
+	case SIDE_IGNORED:
+		b->w_ignored++;
+		if (x) x->ignored++;
+		break;
+	case SIDE_REJECTED:
+		b->w_rejected++;
+		if (x) x->rejected++;
+		break;
+	case SIDE_LATE:
+		b->w_late++;
+		if (x) x->late++;
+		break;
+	}
+}
+
+/* ======================================================================
+ * Latency histogram: 4 buckets per power of two of 8 us units, 8 us .. 268 s.
+ * ====================================================================== */
+
+static int hist_index(double latency)
+{
+	double u = latency * HIST_UNITS_PER_SEC;
+	uint64_t v;
+	int k, idx;
+	if (!(u >= 4))
+		return u >= 0 ? (int)u : 0;
+	if (u >= 1e15)
+		return BRK_HIST_BUCKETS - 1;
+	v = (uint64_t)u;
+	k = 63 - __builtin_clzll(v);
+	idx = (k - 1) * 4 + (int)((v >> (k - 2)) & 3);
+	return idx < BRK_HIST_BUCKETS ? idx : BRK_HIST_BUCKETS - 1;
+}
+
+/* Bounds of bucket idx in 8 us units. */
+static void hist_bounds(int idx, double *lo, double *hi)
+{
+	if (idx < 4) {
+		*lo = idx;
+		*hi = idx + 1;
+	} else {
+		int k = idx / 4 + 1, sub = idx % 4;
+		*lo = ldexp(4 + sub, k - 2);
+		*hi = ldexp(5 + sub, k - 2);
+	}
+}
+
+static void hist_add(brk_t *b, double latency)
+{
+	int i = hist_index(latency);
+	b->hist[i]++;
+	if (++b->hist_total >= HIST_DECAY) {
+		uint32_t t = 0;
+		for (i = 0; i < BRK_HIST_BUCKETS; i++) {
+			b->hist[i] = (uint16_t)(b->hist[i] / 2);
+			t += b->hist[i];
+		}
+		b->hist_total = t;
+	}
+}
+
+static double hist_quantile(const brk_t *b, double q)
+{
+	double target, seen = 0;
+	int i;
+	if (b->hist_total == 0)
+		return -1;
+	target = q * b->hist_total;
+	for (i = 0; i < BRK_HIST_BUCKETS; i++) {
+		double c = b->hist[i];
+		if (c > 0 && seen + c >= target) {
+			double lo, hi;
+			hist_bounds(i, &lo, &hi);
+			return (lo + (hi - lo) * ((target - seen) / c)) / HIST_UNITS_PER_SEC;
+		}
+		seen += c;
+	}
+	return -1;
+}
+
+/* ======================================================================
+ * Transitions
+ * ====================================================================== */
+
+static uint64_t rng_next(brk_t *b)
+{
+	uint64_t x = b->rng;
+	x ^= x << 13;
+	x ^= x >> 7;
+	x ^= x << 17;
+	b->rng = x;
+	return x;
+}
+
+static void transition(brk_t *b, int to, int reason, int64_t now)
+{
+	brk_transition *t = &b->log[b->log_next % BRK_LOG_SIZE];
+	b->gen++;
+	t->gen = b->gen;
+	t->from = b->state;
+	t->to = to;
+	t->reason = reason;
+	t->at = (double)now / NS;
+	b->log_next++;
+	b->state = to;
+	b->state_since = now;
+	b->transitions++;
+	b->probes_granted = b->probes_succeeded = 0;
+}
+
+/* Opens the breaker; level 0 is the first open after closed. */
+static void go_open(brk_t *b, int reason, double retry_after, int64_t now)
+{
+	const brk_config *c = &b->cfg;
+	double d = c->open_duration * pow(c->open_duration_factor, (double)b->reopen_level);
+	if (d > c->open_duration_max)
+		d = c->open_duration_max;
+	if (c->open_duration_jitter > 0) {
+		double r = (double)(rng_next(b) >> 11) / 9007199254740992.0; /* [0,1) */
+		d *= 1 + c->open_duration_jitter * (2 * r - 1);
+	}
+	if (retry_after > d)
+		d = retry_after;
+	if (d > 1e9)
+		d = 1e9;
+	transition(b, BRK_OPEN, reason, now);
+	b->open_ns = (int64_t)(d * NS);
+	b->open_until = now + b->open_ns;
+	b->opened++;
+}
+
+static void go_half_open(brk_t *b, int reason, int64_t now)
+{
+	transition(b, BRK_HALF_OPEN, reason, now);
+	b->probe_progress = now;
+}
+
+static void go_closed(brk_t *b, int reason, int64_t now)
+{
+	transition(b, BRK_CLOSED, reason, now);
+	b->reopen_level = 0;
+	b->consec_failures = 0;
+	window_clear(b, now);
+}
+
+/* Which trip rule the closed window breaks, or BRK_R_NONE. */
+static int trip_reason(const brk_t *b)
+{
+	const brk_config *c = &b->cfg;
+	if (c->consecutive_failures > 0 && b->consec_failures >= c->consecutive_failures)
+		return BRK_R_CONSECUTIVE_FAILURES;
+	if (b->w_calls >= c->minimum_calls && b->w_calls > 0) {
+		double calls = b->w_calls;
+		if (c->failure_rate_threshold > 0 &&
+		    b->w_failures * 100.0 >= c->failure_rate_threshold * calls)
+			return BRK_R_FAILURE_RATE;
+		if (c->slow_call_rate_threshold > 0 &&
+		    b->w_slow * 100.0 >= c->slow_call_rate_threshold * calls)
+			return BRK_R_SLOW_CALL_RATE;
+	}
+	return BRK_R_NONE;
+}
+
+/* ======================================================================
+ * Lifecycle
+ * ====================================================================== */
+
+void brk_init(brk_t *b, const brk_config *cfg)
+{
+	int64_t now = now_coarse_ns();
+	memset(b, 0, brk_size(cfg));
+	b->magic = BRK_MAGIC;
+	b->size = (uint32_t)brk_size(cfg);
+	b->cfg = *cfg;
+	b->state = BRK_CLOSED;
+	b->gen = 1;
+	b->state_since = now;
+	b->bucket_ns = (int64_t)((double)cfg->window_size * NS / cfg->window_buckets);
+	if (b->bucket_ns < 1)
+		b->bucket_ns = 1;
+	b->rng = ((uint64_t)(uintptr_t)b ^ (uint64_t)now_precise_ns()) | 1;
+	window_clear(b, now);
+}
+
+brk_t *brk_new(const brk_config *cfg, const char **err)
+{
+	brk_t *b;
+	const char *msg = brk_config_check(cfg);
+	if (msg) {
+		if (err)
+			*err = msg;
+		return NULL;
+	}
+	b = malloc(brk_size(cfg));
+	if (!b) {
+		if (err)
+			*err = "out of memory";
+		return NULL;
+	}
+	brk_init(b, cfg);
+	return b;
+}
+
+void brk_free(brk_t *b)
+{
+	if (b) {
+		b->magic = 0;
+		free(b);
+	}
+}
+
+/* ======================================================================
+ * Hot path
+ * ====================================================================== */
+
+static double permit_of(const brk_t *b, int kind)
+{
+	return (double)b->gen * 4.0 + kind;
+}
+
+static double reject(brk_t *b, double wait, int64_t now)
+{
+	b->total_rejected++;
+	window_side(b, SIDE_REJECTED, now);
+	return -(1.0 + wait);
+}
+
+double brk_allow(brk_t *b)
+{
+	int64_t now;
+	switch (b->state) {
+	case BRK_CLOSED:
+		return permit_of(b, PERMIT_CLOSED);
+	case BRK_DISABLED:
+		return permit_of(b, PERMIT_DISABLED);
+	case BRK_FORCED_OPEN:
+		b->total_rejected++;
+		window_side(b, SIDE_REJECTED, b->cfg.window_type == BRK_WINDOW_TIME ? now_coarse_ns() : 0);
+		return -HUGE_VAL;
+	case BRK_OPEN:
+		now = now_coarse_ns();
+		if (now < b->open_until)
+			return reject(b, (double)(b->open_until - now) / NS, now);
+		go_half_open(b, BRK_R_OPEN_ELAPSED, now);
+		break;
+	default: /* BRK_HALF_OPEN */
+		now = now_coarse_ns();
+		break;
+	}
+	/* half_open: probes whose results never came back (a crashed or hung
+	 * caller) expire, and a fresh half-open generation starts. */
+	if (b->probes_granted > b->probes_succeeded &&
+	    now - b->probe_progress >= (int64_t)(b->cfg.probe_timeout * NS))
+		go_half_open(b, BRK_R_PROBE_EXPIRED, now);
+	if (b->probes_granted < b->cfg.half_open_calls) {
+		b->probes_granted++;
+		b->probe_progress = now;
+		return permit_of(b, PERMIT_PROBE);
+	}
+	return reject(b, 0, now);
+}
+
+void brk_record(brk_t *b, double permit, int outcome, double latency, double retry_after)
+{
+	int kind;
+	uint32_t pgen;
+	int slow, failed;
+	int64_t now = 0;
+	int have_now = 0;
+
+	if (!(permit > 0))
+		return; /* a rejection is not a call */
+	pgen = (uint32_t)(uint64_t)(permit / 4.0);
+	kind = (int)(permit - (double)pgen * 4.0);
+	if (!(latency >= 0))
+		latency = 0;
+	hist_add(b, latency);
+	if (b->cfg.window_type == BRK_WINDOW_TIME || b->state == BRK_HALF_OPEN) {
+		now = now_coarse_ns();
+		have_now = 1;
+	}
+
+	if (pgen != b->gen) {
+		window_side(b, SIDE_LATE, now);
+		return;
+	}
+	if (outcome == BRK_IGNORED) {
+		window_side(b, SIDE_IGNORED, now);
+		if (kind == PERMIT_PROBE && b->probes_granted > 0)
+			b->probes_granted--; /* the probe told nothing: hand it back */
+		return;
+	}
+	failed = outcome == BRK_FAILURE;
+	slow = latency >= b->cfg.slow_call_duration;
+	b->total_calls++;
+	b->total_failures += (uint64_t)failed;
+
+	switch (b->state) {
+	case BRK_CLOSED: {
+		int reason;
+		window_add(b, failed, slow, now);
+		b->consec_failures = failed ? b->consec_failures + 1 : 0;
+		reason = trip_reason(b);
+		if (reason != BRK_R_NONE)
+			go_open(b, reason, retry_after, have_now ? now : now_coarse_ns());
+		break;
+	}
+	case BRK_DISABLED:
+		window_add(b, failed, slow, now);
+		b->consec_failures = failed ? b->consec_failures + 1 : 0;
+		break;
+	case BRK_HALF_OPEN:
+		b->probe_progress = now;
+		if (failed) {
+			b->reopen_level++;
+			go_open(b, BRK_R_PROBE_FAILED, retry_after, now);
+		} else if (slow && b->cfg.slow_call_rate_threshold > 0) {
+			b->reopen_level++;
+			go_open(b, BRK_R_PROBE_SLOW, retry_after, now);
+		} else if (++b->probes_succeeded >= b->cfg.half_open_calls) {
+			go_closed(b, BRK_R_PROBES_SUCCEEDED, now);
+		}
+		break;
+	default:
+		break; /* open states grant no permits of the current generation */
+	}
+}
+
+uint32_t brk_generation(const brk_t *b)
+{
+	return b->gen;
+}
+
+int brk_state(const brk_t *b)
+{
+	return b->state;
+}
+
+/* ======================================================================
+ * Operator calls
+ * ====================================================================== */
+
+void brk_force_open(brk_t *b)
+{
+	if (b->state != BRK_FORCED_OPEN)
+		transition(b, BRK_FORCED_OPEN, BRK_R_FORCED_OPEN, now_coarse_ns());
+}
+
+void brk_disable(brk_t *b)
+{
+	if (b->state != BRK_DISABLED) {
+		int64_t now = now_coarse_ns();
+		transition(b, BRK_DISABLED, BRK_R_DISABLED, now);
+		b->consec_failures = 0;
+		window_clear(b, now);
+	}
+}
+
+void brk_reset(brk_t *b)
+{
+	go_closed(b, BRK_R_RESET, now_coarse_ns());
+}
+
+/* ======================================================================
+ * Inspection
+ * ====================================================================== */
+
+void brk_get_stats(brk_t *b, brk_stats *st)
+{
+	int64_t now = now_coarse_ns();
+	const brk_config *c = &b->cfg;
+
+	if (c->window_type == BRK_WINDOW_TIME)
+		time_advance(b, now);
+	memset(st, 0, sizeof(*st));
+	st->state = b->state;
+	st->generation = b->gen;
+	st->time_in_state = now > b->state_since ? (double)(now - b->state_since) / NS : 0;
+	if (b->state == BRK_OPEN)
+		st->retry_after = now < b->open_until ? (double)(b->open_until - now) / NS : 0;
+	else if (b->state == BRK_FORCED_OPEN)
+		st->retry_after = HUGE_VAL;
+	st->transitions = b->transitions;
+	st->opened = b->opened;
+	st->calls = b->w_calls;
+	st->failures = b->w_failures;
+	st->successes = b->w_calls - b->w_failures;
+	st->slow = b->w_slow;
+	st->ignored = b->w_ignored;
+	st->rejected = b->w_rejected;
+	st->late = b->w_late;
+	if (b->w_calls > 0 && b->w_calls >= c->minimum_calls) {
+		st->failure_rate = 100.0 * b->w_failures / b->w_calls;
+		st->slow_rate = 100.0 * b->w_slow / b->w_calls;
+	} else {
+		st->failure_rate = st->slow_rate = -1;
+	}
+	st->consecutive_failures = b->consec_failures;
+	st->half_open_granted = b->probes_granted;
+	st->half_open_succeeded = b->probes_succeeded;
+	st->reopen_level = b->reopen_level;
+	st->open_duration = (double)b->open_ns / NS;
+	st->total_calls = b->total_calls;
+	st->total_failures = b->total_failures;
+	st->total_rejected = b->total_rejected;
+	st->p50 = hist_quantile(b, 0.50);
+	st->p90 = hist_quantile(b, 0.90);
+	st->p99 = hist_quantile(b, 0.99);
+	st->latency_samples = b->hist_total;
+	st->memory = b->size;
+}
+
+int brk_transitions(const brk_t *b, uint32_t since, brk_transition *out, int max)
+{
+	uint32_t n = b->log_next < BRK_LOG_SIZE ? b->log_next : BRK_LOG_SIZE;
+	uint32_t i;
+	int k = 0;
+	for (i = b->log_next - n; i < b->log_next && k < max; i++) {
+		const brk_transition *t = &b->log[i % BRK_LOG_SIZE];
+		if ((int32_t)(t->gen - since) > 0)
+			out[k++] = *t;
+	}
+	return k;
+}
+
+static const char *const state_names[] = {
+	"closed", "open", "half_open", "forced_open", "disabled"
+};
+
+const char *brk_state_name(int state)
+{
+	return state >= 0 && state <= BRK_DISABLED ? state_names[state] : "unknown";
+}
+
+static const char *const reason_names[BRK_R_COUNT] = {
+	"none", "failure_rate", "slow_call_rate", "consecutive_failures",
+	"open_elapsed", "probe_failed", "probe_slow", "probes_succeeded",
+	"probe_expired", "forced_open", "disabled", "reset"
+};
+
+const char *brk_reason_name(int reason)
+{
+	return reason >= 0 && reason < BRK_R_COUNT ? reason_names[reason] : "unknown";
+}

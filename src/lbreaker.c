@@ -1,0 +1,515 @@
+/*
+ * lbreaker.c - the classic Lua binding of breaker.c: `require "breaker.core"`.
+ *
+ * It serves plain Lua 5.1 and every call that is not on the hot path under
+ * LuaJIT (creation, stats, operator calls); LuaJIT's FFI calls brk_allow and
+ * brk_record directly (lua/breaker/init.lua).
+ */
+#include <math.h>
+#include <string.h>
+
+#include "breaker.h"
+#include "compat.h"
+
+#ifndef BREAKER_VERSION
+#error "BREAKER_VERSION must be defined (the Makefile feeds it from lua/breaker/version.lua)"
+#endif
+
+#define BREAKER_MT "breaker.core"
+
+/* The userdata: a pointer to the breaker block, which it owns. NULL once
+ * closed. */
+typedef struct lbrk {
+	brk_t *b; /* owned: freed by close/__gc */
+} lbrk;
+
+/* ======================================================================
+ * Argument checks
+ * ====================================================================== */
+
+static lbrk *check_box(lua_State *L, int idx)
+{
+	return (lbrk *)luaL_checkudata(L, idx, BREAKER_MT);
+}
+
+/* The breaker at idx; raises if it is not one or was closed. */
+static brk_t *check_breaker(lua_State *L, int idx)
+{
+	lbrk *box = check_box(L, idx);
+	if (box->b == NULL)
+		luaL_error(L, "breaker: attempt to use a closed breaker");
+	return box->b;
+}
+
+static const char *const outcome_names[] = { "success", "failure", "ignored", NULL };
+
+static int check_outcome(lua_State *L, int idx)
+{
+	return luaL_checkoption(L, idx, NULL, outcome_names);
+}
+
+/* ======================================================================
+ * Config table -> brk_config
+ * ====================================================================== */
+
+static const char *const config_keys[] = {
+	"window_type", "window_size", "window_buckets", "minimum_calls",
+	"failure_rate_threshold", "slow_call_rate_threshold", "slow_call_duration",
+	"consecutive_failures", "half_open_calls", "open_duration",
+	"open_duration_factor", "open_duration_max", "open_duration_jitter",
+	"probe_timeout", NULL
+};
+
+static void config_error(lua_State *L, const char *key, const char *expected, int vidx)
+{
+	luaL_error(L, "breaker config: bad value for '%s' (expected %s, got %s)",
+		   key, expected, luaL_typename(L, vidx));
+}
+
+/* Reads number field `key` of the table at 1 into *out when present. */
+static void opt_number(lua_State *L, const char *key, double *out)
+{
+	lua_getfield(L, 1, key);
+	if (!lua_isnil(L, -1)) {
+		if (lua_type(L, -1) != LUA_TNUMBER)
+			config_error(L, key, "a number", -1);
+		*out = lua_tonumber(L, -1);
+		if (isnan(*out))
+			config_error(L, key, "a number, not NaN", -1);
+	}
+	lua_pop(L, 1);
+}
+
+/* Like opt_number, but `false` turns the rule off (stored as -1). */
+static void opt_rate(lua_State *L, const char *key, double *out)
+{
+	lua_getfield(L, 1, key);
+	if (lua_type(L, -1) == LUA_TBOOLEAN && !lua_toboolean(L, -1))
+		*out = -1;
+	else if (!lua_isnil(L, -1)) {
+		if (lua_type(L, -1) != LUA_TNUMBER)
+			config_error(L, key, "a percentage or false", -1);
+		*out = lua_tonumber(L, -1);
+		if (!(*out > 0 && *out <= 100))
+			luaL_error(L, "breaker config: bad value for '%s' (expected a percentage in (0, 100] or false, got %f)",
+				   key, *out);
+	}
+	lua_pop(L, 1);
+}
+
+static void opt_count(lua_State *L, const char *key, uint32_t *out, int allow_false)
+{
+	lua_getfield(L, 1, key);
+	if (allow_false && lua_type(L, -1) == LUA_TBOOLEAN && !lua_toboolean(L, -1))
+		*out = 0;
+	else if (!lua_isnil(L, -1)) {
+		double d;
+		if (lua_type(L, -1) != LUA_TNUMBER)
+			config_error(L, key, "an integer", -1);
+		d = lua_tonumber(L, -1);
+		if (!(d >= 0 && d <= 4294967295.0) || floor(d) != d)
+			luaL_error(L, "breaker config: bad value for '%s' (expected a non-negative integer, got %f)",
+				   key, d);
+		*out = (uint32_t)d;
+	}
+	lua_pop(L, 1);
+}
+
+static void read_config(lua_State *L, brk_config *cfg)
+{
+	const char *msg;
+	brk_config_default(cfg);
+	if (lua_isnoneornil(L, 1))
+		return;
+	luaL_checktype(L, 1, LUA_TTABLE);
+
+	/* Unknown keys are mistakes: name them. */
+	lua_pushnil(L);
+	while (lua_next(L, 1) != 0) {
+		int i, known = 0;
+		if (lua_type(L, -2) == LUA_TSTRING) {
+			const char *k = lua_tostring(L, -2);
+			for (i = 0; config_keys[i]; i++)
+				if (strcmp(k, config_keys[i]) == 0)
+					known = 1;
+			if (!known)
+				luaL_error(L, "breaker config: unknown key '%s'", k);
+		} else {
+			luaL_error(L, "breaker config: keys must be strings (got a %s)",
+				   luaL_typename(L, -2));
+		}
+		lua_pop(L, 1);
+	}
+
+	lua_getfield(L, 1, "window_type");
+	if (!lua_isnil(L, -1)) {
+		const char *w = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : NULL;
+		if (w && strcmp(w, "count") == 0)
+			cfg->window_type = BRK_WINDOW_COUNT;
+		else if (w && strcmp(w, "time") == 0)
+			cfg->window_type = BRK_WINDOW_TIME;
+		else
+			config_error(L, "window_type", "\"count\" or \"time\"", -1);
+		/* A time window counts seconds: 60 s in 10 buckets unless told. */
+		if (cfg->window_type == BRK_WINDOW_TIME)
+			cfg->window_size = 60;
+	}
+	lua_pop(L, 1);
+	opt_count(L, "window_size", &cfg->window_size, 0);
+	opt_count(L, "window_buckets", &cfg->window_buckets, 0);
+	opt_count(L, "minimum_calls", &cfg->minimum_calls, 0);
+	if (cfg->window_type == BRK_WINDOW_COUNT && cfg->minimum_calls > cfg->window_size) {
+		/* The default minimum follows a small window down, not an explicit one. */
+		lua_getfield(L, 1, "minimum_calls");
+		if (lua_isnil(L, -1))
+			cfg->minimum_calls = cfg->window_size;
+		lua_pop(L, 1);
+	}
+	opt_rate(L, "failure_rate_threshold", &cfg->failure_rate_threshold);
+	opt_rate(L, "slow_call_rate_threshold", &cfg->slow_call_rate_threshold);
+	opt_number(L, "slow_call_duration", &cfg->slow_call_duration);
+	opt_count(L, "consecutive_failures", &cfg->consecutive_failures, 1);
+	opt_count(L, "half_open_calls", &cfg->half_open_calls, 0);
+	opt_number(L, "open_duration", &cfg->open_duration);
+	opt_number(L, "open_duration_factor", &cfg->open_duration_factor);
+	opt_number(L, "open_duration_max", &cfg->open_duration_max);
+	{
+		/* The cap follows a long open_duration up unless given. */
+		lua_getfield(L, 1, "open_duration_max");
+		if (lua_isnil(L, -1) && cfg->open_duration_max < cfg->open_duration)
+			cfg->open_duration_max = cfg->open_duration;
+		lua_pop(L, 1);
+	}
+	opt_number(L, "open_duration_jitter", &cfg->open_duration_jitter);
+	opt_number(L, "probe_timeout", &cfg->probe_timeout);
+
+	msg = brk_config_check(cfg);
+	if (msg)
+		luaL_error(L, "breaker config: bad value for %s", msg);
+}
+
+static void push_config(lua_State *L, const brk_config *c)
+{
+	lua_createtable(L, 0, 14);
+	lua_pushstring(L, c->window_type == BRK_WINDOW_TIME ? "time" : "count");
+	lua_setfield(L, -2, "window_type");
+#define SETN(name, v) (lua_pushnumber(L, (lua_Number)(v)), lua_setfield(L, -2, name))
+#define SETRATE(name, v) ((v) < 0 ? lua_pushboolean(L, 0) : lua_pushnumber(L, (v)), lua_setfield(L, -2, name))
+	SETN("window_size", c->window_size);
+	SETN("window_buckets", c->window_buckets);
+	SETN("minimum_calls", c->minimum_calls);
+	SETRATE("failure_rate_threshold", c->failure_rate_threshold);
+	SETRATE("slow_call_rate_threshold", c->slow_call_rate_threshold);
+	SETN("slow_call_duration", c->slow_call_duration);
+	if (c->consecutive_failures == 0)
+		lua_pushboolean(L, 0);
+	else
+		lua_pushnumber(L, c->consecutive_failures);
+	lua_setfield(L, -2, "consecutive_failures");
+	SETN("half_open_calls", c->half_open_calls);
+	SETN("open_duration", c->open_duration);
+	SETN("open_duration_factor", c->open_duration_factor);
+	SETN("open_duration_max", c->open_duration_max);
+	SETN("open_duration_jitter", c->open_duration_jitter);
+	SETN("probe_timeout", c->probe_timeout);
+}
+
+/* ======================================================================
+ * Module functions
+ * ====================================================================== */
+
+/* core.new([config]) -> breaker userdata. Raises on a bad config, naming the
+ * key and what it expected. */
+static int l_new(lua_State *L)
+{
+	brk_config cfg;
+	const char *err = NULL;
+	lbrk *box;
+
+	read_config(L, &cfg);
+	box = (lbrk *)lua_newuserdata(L, sizeof(*box));
+	box->b = NULL;
+	luaL_getmetatable(L, BREAKER_MT);
+	lua_setmetatable(L, -2);
+	box->b = brk_new(&cfg, &err);
+	if (box->b == NULL)
+		return luaL_error(L, "breaker: %s", err ? err : "cannot create");
+	return 1;
+}
+
+/* core.validate(config) -> normalised config table (every key filled). */
+static int l_validate(lua_State *L)
+{
+	brk_config cfg;
+	read_config(L, &cfg);
+	push_config(L, &cfg);
+	return 1;
+}
+
+/* core.defaults() -> the default config as a table. */
+static int l_defaults(lua_State *L)
+{
+	brk_config cfg;
+	brk_config_default(&cfg);
+	push_config(L, &cfg);
+	return 1;
+}
+
+static int l_now(lua_State *L)
+{
+	lua_pushnumber(L, brk_now());
+	return 1;
+}
+
+static int l_now_precise(lua_State *L)
+{
+	lua_pushnumber(L, brk_now_precise());
+	return 1;
+}
+
+/* core.clock_set(frozen, seconds): freeze the clock (tests) or release it. */
+static int l_clock_set(lua_State *L)
+{
+	int frozen = lua_toboolean(L, 1);
+	double t = luaL_optnumber(L, 2, 0);
+	if (frozen && !(t >= 0 && t < 1e12))
+		return luaL_argerror(L, 2, "expected seconds in [0, 1e12)");
+	brk_clock_set(frozen, t);
+	return 0;
+}
+
+static int l_clock_frozen(lua_State *L)
+{
+	lua_pushboolean(L, brk_clock_frozen());
+	return 1;
+}
+
+/* core.sleep(seconds): blocks the calling thread. */
+static int l_sleep(lua_State *L)
+{
+	double s = luaL_checknumber(L, 1);
+	if (!(s >= 0))
+		return luaL_argerror(L, 1, "expected seconds >= 0");
+	brk_sleep(s);
+	return 0;
+}
+
+/* ======================================================================
+ * Breaker methods
+ * ====================================================================== */
+
+/* b:allow() -> permit | nil, retry_after */
+static int m_allow(lua_State *L)
+{
+	double p = brk_allow(check_breaker(L, 1));
+	if (p > 0) {
+		lua_pushnumber(L, p);
+		return 1;
+	}
+	lua_pushnil(L);
+	lua_pushnumber(L, -p - 1);
+	return 2;
+}
+
+/* b:record(permit, outcome, latency [, retry_after]) */
+static int m_record(lua_State *L)
+{
+	brk_t *b = check_breaker(L, 1);
+	double permit = luaL_checknumber(L, 2);
+	int outcome = check_outcome(L, 3);
+	double latency = luaL_optnumber(L, 4, 0);
+	double ra = luaL_optnumber(L, 5, 0);
+	if (!(latency >= 0))
+		return luaL_argerror(L, 4, "expected a latency in seconds >= 0");
+	if (!(ra >= 0))
+		return luaL_argerror(L, 5, "expected retry_after in seconds >= 0");
+	brk_record(b, permit, outcome, latency, ra);
+	return 0;
+}
+
+static int m_state(lua_State *L)
+{
+	lua_pushstring(L, brk_state_name(brk_state(check_breaker(L, 1))));
+	return 1;
+}
+
+static int m_generation(lua_State *L)
+{
+	lua_pushnumber(L, brk_generation(check_breaker(L, 1)));
+	return 1;
+}
+
+static int m_force_open(lua_State *L)
+{
+	brk_force_open(check_breaker(L, 1));
+	return 0;
+}
+
+static int m_disable(lua_State *L)
+{
+	brk_disable(check_breaker(L, 1));
+	return 0;
+}
+
+static int m_reset(lua_State *L)
+{
+	brk_reset(check_breaker(L, 1));
+	return 0;
+}
+
+static int m_config(lua_State *L)
+{
+	push_config(L, brk_get_config(check_breaker(L, 1)));
+	return 1;
+}
+
+/* b:stats() -> table (see README for the fields). */
+static int m_stats(lua_State *L)
+{
+	brk_stats st;
+	brk_get_stats(check_breaker(L, 1), &st);
+	lua_createtable(L, 0, 32);
+	lua_pushstring(L, brk_state_name(st.state));
+	lua_setfield(L, -2, "state");
+	SETN("generation", st.generation);
+	SETN("time_in_state", st.time_in_state);
+	if (st.state == BRK_OPEN || st.state == BRK_FORCED_OPEN)
+		SETN("retry_after", st.retry_after);
+	SETN("transitions", st.transitions);
+	SETN("opened", st.opened);
+	SETN("calls", st.calls);
+	SETN("successes", st.successes);
+	SETN("failures", st.failures);
+	SETN("slow", st.slow);
+	SETN("ignored", st.ignored);
+	SETN("rejected", st.rejected);
+	SETN("late", st.late);
+	if (st.failure_rate >= 0) {
+		SETN("failure_rate", st.failure_rate);
+		SETN("slow_rate", st.slow_rate);
+	}
+	SETN("consecutive_failures", st.consecutive_failures);
+	SETN("half_open_granted", st.half_open_granted);
+	SETN("half_open_succeeded", st.half_open_succeeded);
+	SETN("reopen_level", st.reopen_level);
+	SETN("open_duration", st.open_duration);
+	SETN("total_calls", st.total_calls);
+	SETN("total_failures", st.total_failures);
+	SETN("total_rejected", st.total_rejected);
+	if (st.latency_samples > 0) {
+		lua_createtable(L, 0, 4);
+		SETN("p50", st.p50);
+		SETN("p90", st.p90);
+		SETN("p99", st.p99);
+		SETN("samples", st.latency_samples);
+		lua_setfield(L, -2, "latency");
+	}
+	SETN("memory", st.memory);
+	return 1;
+}
+
+/* b:transitions(since_generation) -> list of {generation, from, to, reason, at},
+ * oldest first. */
+static int m_transitions(lua_State *L)
+{
+	brk_t *b = check_breaker(L, 1);
+	uint32_t since = (uint32_t)luaL_optnumber(L, 2, 0);
+	brk_transition t[BRK_LOG_SIZE];
+	int i, n = brk_transitions(b, since, t, BRK_LOG_SIZE);
+	lua_createtable(L, n, 0);
+	for (i = 0; i < n; i++) {
+		lua_createtable(L, 0, 5);
+		SETN("generation", t[i].gen);
+		lua_pushstring(L, brk_state_name(t[i].from));
+		lua_setfield(L, -2, "from");
+		lua_pushstring(L, brk_state_name(t[i].to));
+		lua_setfield(L, -2, "to");
+		lua_pushstring(L, brk_reason_name(t[i].reason));
+		lua_setfield(L, -2, "reason");
+		SETN("at", t[i].at);
+		lua_rawseti(L, -2, i + 1);
+	}
+	return 1;
+}
+
+/* b:pointer() -> lightuserdata of the breaker block, for LuaJIT's FFI (the
+ * facade casts it to brk_t* and keeps this userdata alive beside it). */
+static int m_pointer(lua_State *L)
+{
+	lua_pushlightuserdata(L, check_breaker(L, 1));
+	return 1;
+}
+
+/* b:close() and __gc: frees the breaker; idempotent. */
+static int m_close(lua_State *L)
+{
+	lbrk *box = check_box(L, 1);
+	if (box->b) {
+		brk_free(box->b);
+		box->b = NULL;
+	}
+	return 0;
+}
+
+static int m_tostring(lua_State *L)
+{
+	lbrk *box = check_box(L, 1);
+	if (box->b)
+		lua_pushfstring(L, "breaker.core (%s): %p",
+				brk_state_name(brk_state(box->b)), (void *)box->b);
+	else
+		lua_pushliteral(L, "breaker.core (closed)");
+	return 1;
+}
+
+static const luaL_Reg methods[] = {
+	{ "allow", m_allow },
+	{ "record", m_record },
+	{ "state", m_state },
+	{ "generation", m_generation },
+	{ "force_open", m_force_open },
+	{ "disable", m_disable },
+	{ "reset", m_reset },
+	{ "config", m_config },
+	{ "stats", m_stats },
+	{ "transitions", m_transitions },
+	{ "pointer", m_pointer },
+	{ "close", m_close },
+	{ NULL, NULL }
+};
+
+static const luaL_Reg functions[] = {
+	{ "new", l_new },
+	{ "validate", l_validate },
+	{ "defaults", l_defaults },
+	{ "now", l_now },
+	{ "now_precise", l_now_precise },
+	{ "clock_set", l_clock_set },
+	{ "clock_frozen", l_clock_frozen },
+	{ "sleep", l_sleep },
+	{ NULL, NULL }
+};
+
+int luaopen_breaker_core(lua_State *L);
+
+/* require "breaker.core" */
+int luaopen_breaker_core(lua_State *L)
+{
+	if (luaL_newmetatable(L, BREAKER_MT)) {
+		lua_newtable(L);
+		luaL_setfuncs(L, methods, 0);
+		lua_setfield(L, -2, "__index");
+		lua_pushcfunction(L, m_close);
+		lua_setfield(L, -2, "__gc");
+		lua_pushcfunction(L, m_tostring);
+		lua_setfield(L, -2, "__tostring");
+		lua_pushliteral(L, BREAKER_MT);
+		lua_setfield(L, -2, "__name");
+	}
+	lua_pop(L, 1);
+
+	luaL_newlib(L, functions);
+	lua_pushliteral(L, BREAKER_VERSION);
+	lua_setfield(L, -2, "_VERSION");
+	return 1;
+}
