@@ -446,14 +446,30 @@ static uint64_t rng_next(brk_t *b)
 	return x;
 }
 
+/* A seed that differs per breaker even when the test clock is frozen and
+ * malloc hands back the same address. */
+static uint64_t seed(void)
+{
+	static uint64_t counter;
+	struct timespec ts;
+	uint64_t x;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	x = (uint64_t)ts_ns(&ts) ^ (__atomic_add_fetch(&counter, 1, __ATOMIC_RELAXED) * 0x9E3779B97F4A7C15ull);
+	x ^= x >> 33;
+	x *= 0xff51afd7ed558ccdull;
+	x ^= x >> 33;
+	return x | 1;
+}
+
 static void transition(brk_t *b, int to, int reason, int64_t now)
 {
 	brk_transition *t = &b->log[b->log_next % BRK_LOG_SIZE];
 	b->gen++;
 	t->gen = b->gen;
-	t->from = b->state;
-	t->to = to;
-	t->reason = reason;
+	t->from = (uint8_t)b->state;
+	t->to = (uint8_t)to;
+	t->reason = (uint8_t)reason;
+	t->pad = 0;
 	t->at = (double)now / NS;
 	b->log_next++;
 	b->state = to;
@@ -532,7 +548,7 @@ void brk_init(brk_t *b, const brk_config *cfg)
 	b->bucket_ns = (int64_t)((double)cfg->window_size * NS / cfg->window_buckets);
 	if (b->bucket_ns < 1)
 		b->bucket_ns = 1;
-	b->rng = ((uint64_t)(uintptr_t)b ^ (uint64_t)now_precise_ns()) | 1;
+	b->rng = seed();
 	window_clear(b, now);
 }
 

@@ -71,12 +71,13 @@ typedef struct brk_config {
 
 /* One state transition, as kept in the breaker's transition log. */
 typedef struct brk_transition {
-	uint32_t gen;    /* generation the transition started */
-	int32_t from, to, reason;
-	double at;       /* clock seconds */
+	uint32_t gen;          /* generation the transition started */
+	uint8_t from, to;      /* enum brk_state */
+	uint8_t reason, pad;   /* enum brk_reason */
+	double at;             /* clock seconds */
 } brk_transition;
 
-#define BRK_LOG_SIZE 16
+#define BRK_LOG_SIZE 8
 #define BRK_HIST_BUCKETS 96
 
 /* A snapshot of a breaker, filled by brk_stats. "Window" counts cover the

@@ -13,7 +13,6 @@ local errors = require "breaker.error"
 
 local type, pairs, ipairs, pcall, select, setmetatable, tostring, error =
       type, pairs, ipairs, pcall, select, setmetatable, tostring, error
-local huge = math.huge
 
 local VERSION = require "breaker.version"
 

@@ -1,0 +1,48 @@
+-- Installs with `luarocks make` (see README, "Installing").
+rockspec_format = "3.0"
+package = "breaker"
+version = "scm-1"
+source = {
+   url = "git+file:///work/main",
+}
+description = {
+   summary = "Circuit breakers, retries with Retry-After, and a libcurl transport for Lua and OpenResty",
+   detailed = [[
+Hystrix-style circuit breakers written in C (count and time windows,
+failure-rate, slow-call and consecutive-failure rules, exact half-open probe
+limits), pure-Lua policies (retry with backoff and jitter that honours 429
+Retry-After, fallbacks, budgets, bulkheads, rate limits) and a libcurl
+transport, for apps that call flaky HTTP APIs such as LLM providers.
+]],
+   license = "MIT",
+}
+dependencies = {
+   "lua >= 5.1",
+   "lua-cjson",
+}
+external_dependencies = {
+   -- No `header` here: Debian keeps curl/curl.h under the multiarch include
+   -- directory, where luarocks' header search does not look.
+   CURL = { library = "curl" },
+}
+build = {
+   type = "builtin",
+   modules = {
+      ["breaker.core"] = {
+         sources = { "src/breaker.c", "src/lbreaker.c" },
+         defines = { "BREAKER_VERSION=\"0.1.0\"", "_GNU_SOURCE" },
+         libraries = { "m", "rt" },
+         incdirs = { "src" },
+      },
+      ["breaker.curl"] = {
+         sources = { "src/http.c", "src/lhttp.c" },
+         defines = { "BREAKER_VERSION=\"0.1.0\"", "_GNU_SOURCE" },
+         libraries = { "curl", "pthread", "m" },
+         incdirs = { "src", "$(CURL_INCDIR)" },
+         libdirs = { "$(CURL_LIBDIR)" },
+      },
+      ["breaker"] = "lua/breaker/init.lua",
+      ["breaker.version"] = "lua/breaker/version.lua",
+      ["breaker.error"] = "lua/breaker/error.lua",
+   },
+}
