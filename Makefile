@@ -71,7 +71,7 @@ bench: deps build
 	$(TEST_ENV) $(LUAJIT) bench/run.lua
 
 demo: deps build
-	$(TEST_ENV) $(LUAJIT) examples/demo.lua
+	$(TEST_ENV) $(LUAJIT) examples/trip.lua
 
 install: build
 	$(LUAROCKS) make --deps-mode=none breaker-scm-1.rockspec \

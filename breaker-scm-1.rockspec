@@ -44,5 +44,11 @@ build = {
       ["breaker"] = "lua/breaker/init.lua",
       ["breaker.version"] = "lua/breaker/version.lua",
       ["breaker.error"] = "lua/breaker/error.lua",
+      ["breaker.classify"] = "lua/breaker/classify.lua",
+      ["breaker.retry"] = "lua/breaker/retry.lua",
+      ["breaker.fallback"] = "lua/breaker/fallback.lua",
+      ["breaker.bulkhead"] = "lua/breaker/bulkhead.lua",
+      ["breaker.ratelimit"] = "lua/breaker/ratelimit.lua",
+      ["breaker.policy"] = "lua/breaker/policy.lua",
    },
 }

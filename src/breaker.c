@@ -62,7 +62,7 @@ struct brk {
 
 	/* Count window: ring position, filled slots and running totals. The
 	 * time window keeps its totals here too (sum of live buckets). */
-	uint32_t pos, filled;
+	uint32_t pos;
 	uint32_t w_calls, w_failures, w_slow;
 	uint32_t w_ignored, w_rejected, w_late;
 
@@ -126,7 +126,7 @@ double brk_now_precise(void)
 
 void brk_clock_set(int frozen, double seconds)
 {
-	clock_frozen_ns = (int64_t)(seconds * NS);
+	clock_frozen_ns = (int64_t)llround(seconds * NS);
 	clock_frozen = frozen != 0;
 }
 
@@ -264,7 +264,7 @@ static int64_t floor_div(int64_t a, int64_t d)
 static void window_clear(brk_t *b, int64_t now)
 {
 	memset(b->window, 0, window_bytes(&b->cfg));
-	b->pos = b->filled = 0;
+	b->pos = 0;
 	b->w_calls = b->w_failures = b->w_slow = 0;
 	b->w_ignored = b->w_rejected = b->w_late = 0;
 	if (b->cfg.window_type == BRK_WINDOW_TIME) {
@@ -316,8 +316,9 @@ static brk_bucket *time_advance(brk_t *b, int64_t now)
 	return &bk[b->head_slot];
 }
 
-/* Adds a success/failure to the window. */
-static void window_add(brk_t *b, int failed, int slow, int64_t now)
+/* Adds a success/failure to the window. Returns 1 if time buckets expired
+ * on the way (rates may have moved). */
+static int window_add(brk_t *b, int failed, int slow, int64_t now)
 {
 	b->w_calls += 1;
 	b->w_failures += (uint32_t)failed;
@@ -329,18 +330,19 @@ static void window_add(brk_t *b, int failed, int slow, int64_t now)
 			b->w_calls -= 1;
 			b->w_failures -= (old & SLOT_FAIL) ? 1 : 0;
 			b->w_slow -= (old & SLOT_SLOW) ? 1 : 0;
-		} else {
-			b->filled++;
 		}
 		*slot = (uint8_t)(SLOT_USED | (failed ? SLOT_FAIL : 0) | (slow ? SLOT_SLOW : 0));
 		if (++b->pos == b->cfg.window_size)
 			b->pos = 0;
 	} else {
+		int64_t head = b->head_epoch;
 		brk_bucket *x = time_advance(b, now);
 		x->calls++;
 		x->failures += (uint32_t)failed;
 		x->slow += (uint32_t)slow;
+		return b->head_epoch != head;
 	}
+	return 0;
 }
 
 /* Counts a rejected, ignored or late call in the window. */
@@ -371,17 +373,17 @@ static void window_side(brk_t *b, enum side_count which, int64_t now)
  * Latency histogram: 4 buckets per power of two of 8 us units, 8 us .. 268 s.
  * ====================================================================== */
 
-static int hist_index(double latency)
+static inline int hist_index(double latency)
 {
 	double u = latency * HIST_UNITS_PER_SEC;
-	uint64_t v;
+	int64_t v;
 	int k, idx;
-	if (!(u >= 4))
-		return u >= 0 ? (int)u : 0;
-	if (u >= 1e15)
-		return BRK_HIST_BUCKETS - 1;
-	v = (uint64_t)u;
-	k = 63 - __builtin_clzll(v);
+	if (!(u < 1e15))
+		return u >= 1e15 ? BRK_HIST_BUCKETS - 1 : 0; /* huge, or NaN */
+	v = (int64_t)u;
+	if (v < 4)
+		return v > 0 ? (int)v : 0;
+	k = 63 - __builtin_clzll((uint64_t)v);
 	idx = (k - 1) * 4 + (int)((v >> (k - 2)) & 3);
 	return idx < BRK_HIST_BUCKETS ? idx : BRK_HIST_BUCKETS - 1;
 }
@@ -399,18 +401,23 @@ static void hist_bounds(int idx, double *lo, double *hi)
 	}
 }
 
-static void hist_add(brk_t *b, double latency)
+static __attribute__((noinline, cold)) void hist_decay(brk_t *b)
+{
+	int i;
+	uint32_t t = 0;
+	for (i = 0; i < BRK_HIST_BUCKETS; i++) {
+		b->hist[i] = (uint16_t)(b->hist[i] / 2);
+		t += b->hist[i];
+	}
+	b->hist_total = t;
+}
+
+static inline void hist_add(brk_t *b, double latency)
 {
 	int i = hist_index(latency);
 	b->hist[i]++;
-	if (++b->hist_total >= HIST_DECAY) {
-		uint32_t t = 0;
-		for (i = 0; i < BRK_HIST_BUCKETS; i++) {
-			b->hist[i] = (uint16_t)(b->hist[i] / 2);
-			t += b->hist[i];
-		}
-		b->hist_total = t;
-	}
+	if (++b->hist_total >= HIST_DECAY)
+		hist_decay(b);
 }
 
 static double hist_quantile(const brk_t *b, double q)
@@ -630,18 +637,23 @@ double brk_allow(brk_t *b)
 	return reject(b, 0, now);
 }
 
-void brk_record(brk_t *b, double permit, int outcome, double latency, double retry_after)
+/* Everything but the fast path of brk_record. */
+static void record_slow(brk_t *b, double permit, int outcome, double latency, double retry_after)
 {
+	int64_t pi;
 	int kind;
 	uint32_t pgen;
 	int slow, failed;
 	int64_t now = 0;
 	int have_now = 0;
 
-	if (!(permit > 0))
+	if (!(permit > 0 && permit < 9007199254740992.0))
 		return; /* a rejection is not a call */
-	pgen = (uint32_t)(uint64_t)(permit / 4.0);
-	kind = (int)(permit - (double)pgen * 4.0);
+	pi = (int64_t)permit;
+
+
+	kind = (int)(pi & 3);
+	pgen = (uint32_t)(pi >> 2);
 	if (!(latency >= 0))
 		latency = 0;
 	hist_add(b, latency);
@@ -668,8 +680,12 @@ void brk_record(brk_t *b, double permit, int outcome, double latency, double ret
 	switch (b->state) {
 	case BRK_CLOSED: {
 		int reason;
-		window_add(b, failed, slow, now);
+		int dropped = window_add(b, failed, slow, now);
 		b->consec_failures = failed ? b->consec_failures + 1 : 0;
+		/* A fast success cannot raise a rate, except by bringing the
+		 * window up to minimum_calls or as old buckets expire. */
+		if (!(failed | slow | dropped) && b->w_calls != b->cfg.minimum_calls)
+			break;
 		reason = trip_reason(b);
 		if (reason != BRK_R_NONE)
 			go_open(b, reason, retry_after, have_now ? now : now_coarse_ns());
@@ -694,6 +710,33 @@ void brk_record(brk_t *b, double permit, int outcome, double latency, double ret
 	default:
 		break; /* open states grant no permits of the current generation */
 	}
+}
+
+void brk_record(brk_t *b, double permit, int outcome, double latency, double retry_after)
+{
+	/* Fast path, the common case: a fast success under a current closed
+	 * permit with a count window. It is kept small (no saved registers) and
+	 * branch-free in the window update; a success cannot trip a rule
+	 * unless it brings the window up to minimum_calls. */
+	if (permit > 0 && permit < 9007199254740992.0 &&
+	    (uint32_t)((int64_t)permit >> 2) == b->gen &&
+	    (b->state | outcome | b->cfg.window_type) == 0 &&
+	    latency >= 0 && latency < b->cfg.slow_call_duration &&
+	    b->w_calls != b->cfg.minimum_calls - 1) {
+		uint32_t pos = b->pos;
+		uint8_t old = b->window[pos];
+		b->window[pos] = SLOT_USED;
+		b->w_calls += (uint32_t)(~old & SLOT_USED);
+		b->w_failures -= (uint32_t)((old >> 1) & 1);
+		b->w_slow -= (uint32_t)((old >> 2) & 1);
+		pos++;
+		b->pos = pos == b->cfg.window_size ? 0 : pos;
+		b->consec_failures = 0;
+		b->total_calls++;
+		hist_add(b, latency);
+		return;
+	}
+	record_slow(b, permit, outcome, latency, retry_after);
 }
 
 uint32_t brk_generation(const brk_t *b)

@@ -146,29 +146,43 @@ local function notice(self)
   end
 end
 
-local function open_error(self, retry_after)
-  local state = self:state()
-  local msg
-  if state == "half_open" then
-    msg = "breaker '" .. self.name .. "' is half-open and all its probes are taken"
-  elseif state == "forced_open" then
-    msg = "breaker '" .. self.name .. "' is forced open"
-  else
-    msg = "breaker '" .. self.name .. "' is open"
-  end
-  return errors.new("breaker_open", msg, {
-    breaker = self.name, state = state, retry_after = retry_after,
-  })
+local err_mt = errors.mt
+
+-- The rejection error. Built with a table constructor (no string work, no
+-- redaction: the message only holds the breaker's name), so that LuaJIT can
+-- sink the allocation when the caller drops the error.
+local function open_error(self, st, retry_after)
+  return setmetatable({
+    kind = "breaker_open",
+    message = self._msg[st],
+    breaker = self.name,
+    state = STATE_NAMES[st],
+    retry_after = retry_after,
+  }, err_mt)
+end
+
+-- Messages of the rejection errors, per state, made once per breaker.
+local function open_messages(name)
+  local q = "breaker '" .. name .. "'"
+  return {
+    [1] = q .. " is open",
+    [2] = q .. " is half-open and all its probes are taken",
+    [3] = q .. " is forced open",
+  }
 end
 
 local allow, record, state
 
 if C then
   allow = function(self)
+    local h = self._h
+    -- Closed admits without side effects: the permit is computed here, as
+    -- brk_allow would (generation * 4 + 1), and no C call is made.
+    if h.state == 0 and h.gen == self._gen then return h.gen * 4 + 1 end
     local p = C.brk_allow(self._p)
-    if self._h.gen ~= self._gen then notice(self) end
+    if h.gen ~= self._gen then notice(self) end
     if p > 0 then return p end
-    return nil, open_error(self, -p - 1)
+    return nil, open_error(self, h.state, -p - 1)
   end
 
   record = function(self, permit, outcome, latency, retry_after)
@@ -197,10 +211,12 @@ if C then
   end
 else
   allow = function(self)
-    local p, ra = self._ud:allow()
-    if self._ud:generation() ~= self._gen then notice(self) end
+    local ud = self._ud
+    local p, ra = ud:allow()
+    if ud:generation() ~= self._gen then notice(self) end
     if p then return p end
-    return nil, open_error(self, ra)
+    local st = ud:state()
+    return nil, open_error(self, st == "half_open" and 2 or st == "forced_open" and 3 or 1, ra)
   end
 
   record = function(self, permit, outcome, latency, retry_after)
@@ -343,6 +359,7 @@ function _M.new(name, config)
     _ud = ud,
     _gen = ud:generation(),
     _on_change = extra.on_state_change,
+    _msg = open_messages(name),
   }, mt)
   if ffi then
     self._p = ffi.cast("struct breaker_block *", ud:pointer())

@@ -1,0 +1,890 @@
+/*
+ * http.c - the libcurl transport behind breaker.curl, with no Lua in it.
+ * See http.h for the contract.
+ */
+#include "http.h"
+
+#include <curl/curl.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define POOL_MAX 64                  /* idle easy handles a client keeps */
+#define HEADER_BYTES_MAX (256 * 1024) /* response header bytes accepted */
+#define MESSAGE_MAX (CURL_ERROR_SIZE + 160)
+
+/* ------------------------------------------------------------------------
+ * Growable byte buffer
+ * ---------------------------------------------------------------------- */
+
+typedef struct buf {
+	char *data;   /* owned, malloc'd; NULL while empty */
+	size_t len;
+	size_t cap;
+} buf;
+
+/* Appends n bytes; returns 0, or -1 when out of memory (buffer unchanged). */
+static int buf_append(buf *b, const char *p, size_t n)
+{
+	if (n > SIZE_MAX - b->len - 1)
+		return -1;
+	if (b->len + n + 1 > b->cap) {
+		size_t cap = b->cap ? b->cap : 256;
+		char *data;
+		while (cap < b->len + n + 1)
+			cap = cap > SIZE_MAX / 2 ? SIZE_MAX : cap * 2;
+		data = realloc(b->data, cap);
+		if (data == NULL)
+			return -1;
+		b->data = data;
+		b->cap = cap;
+	}
+	memcpy(b->data + b->len, p, n);
+	b->len += n;
+	b->data[b->len] = '\0';
+	return 0;
+}
+
+static void buf_free(buf *b)
+{
+	free(b->data);
+	b->data = NULL;
+	b->len = b->cap = 0;
+}
+
+/* ------------------------------------------------------------------------
+ * Types
+ * ---------------------------------------------------------------------- */
+
+enum { ABORT_NONE, ABORT_TOO_LARGE, ABORT_HEADERS, ABORT_CHUNK, ABORT_NOMEM };
+enum { BODY_UNDECIDED, BODY_BUFFER, BODY_STREAM };
+
+struct http_client {
+	CURLM *multi;             /* owned; holds the connection cache */
+	CURL *idle[POOL_MAX];     /* owned idle easy handles, reset before reuse */
+	size_t nidle;
+	int verify_tls;
+	char *ca_file;            /* owned copies, or NULL */
+	char *ca_path;
+	char *user_agent;
+};
+
+struct http_request {
+	CURL *easy;                   /* owned until freed or returned to a pool */
+	struct curl_slist *headers;   /* owned request header list */
+	const char *body;             /* borrowed from the spec */
+	size_t body_len;
+	size_t max_body;
+	http_chunk_fn on_chunk;       /* borrowed callback and its argument */
+	void *chunk_ud;
+	int body_mode;
+	int abort;                    /* ABORT_* reason set by a callback */
+	int in_multi;                 /* added to the client's multi handle */
+	int done;                     /* result is final */
+	CURLcode setup_error;         /* first option curl refused */
+	buf body_buf;                 /* owned: buffered response body */
+	buf head_buf;                 /* owned: "name\0value\0" pairs */
+	size_t head_bytes;            /* raw header bytes of this response */
+	http_header *index;           /* owned: built from head_buf when done */
+	char errbuf[CURL_ERROR_SIZE]; /* curl's CURLOPT_ERRORBUFFER */
+	char message[MESSAGE_MAX];
+	http_result result;
+};
+
+/* ------------------------------------------------------------------------
+ * Global init and kinds
+ * ---------------------------------------------------------------------- */
+
+static pthread_once_t global_once = PTHREAD_ONCE_INIT;
+static CURLcode global_status = CURLE_FAILED_INIT;
+
+static void global_init(void)
+{
+	global_status = curl_global_init(CURL_GLOBAL_DEFAULT);
+}
+
+static const char *const kind_names[] = {
+	"ok", "timeout", "connect", "dns", "tls", "reset", "too_large",
+	"invalid", "aborted", "protocol", "other"
+};
+
+const char *http_kind_name(http_kind kind)
+{
+	if ((unsigned)kind < sizeof(kind_names) / sizeof(kind_names[0]))
+		return kind_names[kind];
+	return "other";
+}
+
+/* Maps a CURLcode to the kind of failure it means for a caller. */
+static http_kind classify(CURLcode code)
+{
+	switch (code) {
+	case CURLE_OK:
+		return HTTP_OK;
+	case CURLE_OPERATION_TIMEDOUT:
+		return HTTP_ETIMEOUT;
+	case CURLE_COULDNT_CONNECT:
+		return HTTP_ECONNECT;
+	case CURLE_COULDNT_RESOLVE_HOST:
+	case CURLE_COULDNT_RESOLVE_PROXY:
+		return HTTP_EDNS;
+	case CURLE_SSL_CONNECT_ERROR:
+	case CURLE_PEER_FAILED_VERIFICATION:
+	case CURLE_SSL_CERTPROBLEM:
+	case CURLE_SSL_CIPHER:
+	case CURLE_SSL_CACERT_BADFILE:
+	case CURLE_SSL_CRL_BADFILE:
+	case CURLE_SSL_ISSUER_ERROR:
+	case CURLE_SSL_PINNEDPUBKEYNOTMATCH:
+	case CURLE_SSL_INVALIDCERTSTATUS:
+	case CURLE_SSL_ENGINE_NOTFOUND:
+	case CURLE_SSL_ENGINE_SETFAILED:
+	case CURLE_SSL_ENGINE_INITFAILED:
+	case CURLE_SSL_SHUTDOWN_FAILED:
+	case CURLE_USE_SSL_FAILED:
+		return HTTP_ETLS;
+	case CURLE_SEND_ERROR:
+	case CURLE_RECV_ERROR:
+	case CURLE_GOT_NOTHING:
+	case CURLE_PARTIAL_FILE:
+		return HTTP_ERESET;
+	case CURLE_FILESIZE_EXCEEDED:
+		return HTTP_ETOOLARGE;
+	case CURLE_URL_MALFORMAT:
+	case CURLE_UNSUPPORTED_PROTOCOL:
+	case CURLE_BAD_FUNCTION_ARGUMENT:
+	case CURLE_UNKNOWN_OPTION:
+	case CURLE_NOT_BUILT_IN:
+		return HTTP_EINVALID;
+	case CURLE_ABORTED_BY_CALLBACK:
+		return HTTP_EABORTED;
+	case CURLE_WEIRD_SERVER_REPLY:
+	case CURLE_HTTP2:
+	case CURLE_HTTP2_STREAM:
+	case CURLE_BAD_CONTENT_ENCODING:
+	case CURLE_TOO_MANY_REDIRECTS:
+	case CURLE_RANGE_ERROR:
+		return HTTP_EPROTOCOL;
+	default:
+		return HTTP_EOTHER;
+	}
+}
+
+/* Finishes r with an error of kind, message from fmt. */
+static void fail(http_request *r, http_kind kind, int code, const char *fmt, ...)
+{
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(r->message, sizeof(r->message), fmt, ap);
+	va_end(ap);
+	r->result.kind = kind;
+	r->result.curl_code = code;
+	r->result.message = r->message;
+	r->done = 1;
+}
+
+/* ------------------------------------------------------------------------
+ * Typed wrappers around curl_easy_setopt: the compiler checks each value,
+ * and the first option curl refuses is remembered in setup_error.
+ * ---------------------------------------------------------------------- */
+
+static void opt_long(http_request *r, CURLoption o, long v)
+{
+	CURLcode rc = curl_easy_setopt(r->easy, o, v);
+	if (rc != CURLE_OK && r->setup_error == CURLE_OK)
+		r->setup_error = rc;
+}
+
+static void opt_off(http_request *r, CURLoption o, curl_off_t v)
+{
+	CURLcode rc = curl_easy_setopt(r->easy, o, v);
+	if (rc != CURLE_OK && r->setup_error == CURLE_OK)
+		r->setup_error = rc;
+}
+
+/* Strings are copied by curl, except POSTFIELDS (borrowed, see spec). */
+static void opt_str(http_request *r, CURLoption o, const char *v)
+{
+	CURLcode rc = curl_easy_setopt(r->easy, o, v);
+	if (rc != CURLE_OK && r->setup_error == CURLE_OK)
+		r->setup_error = rc;
+}
+
+static void opt_ptr(http_request *r, CURLoption o, void *v)
+{
+	CURLcode rc = curl_easy_setopt(r->easy, o, v);
+	if (rc != CURLE_OK && r->setup_error == CURLE_OK)
+		r->setup_error = rc;
+}
+
+static void opt_slist(http_request *r, CURLoption o, struct curl_slist *v)
+{
+	CURLcode rc = curl_easy_setopt(r->easy, o, v);
+	if (rc != CURLE_OK && r->setup_error == CURLE_OK)
+		r->setup_error = rc;
+}
+
+static void opt_write_fn(http_request *r, CURLoption o, curl_write_callback v)
+{
+	CURLcode rc = curl_easy_setopt(r->easy, o, v);
+	if (rc != CURLE_OK && r->setup_error == CURLE_OK)
+		r->setup_error = rc;
+}
+
+/* ------------------------------------------------------------------------
+ * Client
+ * ---------------------------------------------------------------------- */
+
+static char *dup_or_null(const char *s, int *failed)
+{
+	char *d;
+	size_t n;
+	if (s == NULL)
+		return NULL;
+	n = strlen(s) + 1;
+	d = malloc(n);
+	if (d == NULL) {
+		*failed = 1;
+		return NULL;
+	}
+	memcpy(d, s, n);
+	return d;
+}
+
+http_client *http_client_new(const http_client_config *cfg, char *err, size_t errlen)
+{
+	http_client *c;
+	int failed = 0;
+
+	pthread_once(&global_once, global_init);
+	if (global_status != CURLE_OK) {
+		snprintf(err, errlen, "curl_global_init: %s", curl_easy_strerror(global_status));
+		return NULL;
+	}
+	c = calloc(1, sizeof(*c));
+	if (c == NULL) {
+		snprintf(err, errlen, "out of memory");
+		return NULL;
+	}
+	c->verify_tls = cfg->verify_tls;
+	c->ca_file = dup_or_null(cfg->ca_file, &failed);
+	c->ca_path = dup_or_null(cfg->ca_path, &failed);
+	c->user_agent = dup_or_null(cfg->user_agent, &failed);
+	c->multi = failed ? NULL : curl_multi_init();
+	if (c->multi == NULL) {
+		snprintf(err, errlen, failed ? "out of memory" : "curl_multi_init failed");
+		http_client_free(c);
+		return NULL;
+	}
+	if (cfg->max_connections > 0) {
+		curl_multi_setopt(c->multi, CURLMOPT_MAX_HOST_CONNECTIONS, cfg->max_connections);
+		curl_multi_setopt(c->multi, CURLMOPT_MAXCONNECTS, cfg->max_connections);
+	}
+	return c;
+}
+
+void http_client_free(http_client *c)
+{
+	size_t i;
+	if (c == NULL)
+		return;
+	for (i = 0; i < c->nidle; i++)
+		curl_easy_cleanup(c->idle[i]);
+	if (c->multi != NULL)
+		curl_multi_cleanup(c->multi);
+	free(c->ca_file);
+	free(c->ca_path);
+	free(c->user_agent);
+	free(c);
+}
+
+/* ------------------------------------------------------------------------
+ * Response callbacks
+ * ---------------------------------------------------------------------- */
+
+static int is_space(char ch)
+{
+	return ch == ' ' || ch == '\t';
+}
+
+/* Receives one header line of a response. A status line starts a new
+ * response (after 1xx or a redirect) and drops the headers seen so far. */
+static size_t on_header(char *p, size_t size, size_t nmemb, void *ud)
+{
+	http_request *r = ud;
+	size_t n = size * nmemb, len = n, i, colon;
+	char lower[256];
+
+	r->head_bytes += n;
+	if (r->head_bytes > HEADER_BYTES_MAX) {
+		r->abort = ABORT_HEADERS;
+		return 0;
+	}
+	while (len > 0 && (p[len - 1] == '\r' || p[len - 1] == '\n'))
+		len--;
+	if (len >= 5 && memcmp(p, "HTTP/", 5) == 0) {
+		r->head_buf.len = 0;
+		r->head_bytes = n;
+		return n;
+	}
+	if (len == 0)
+		return n;
+	if (is_space(p[0])) {
+		/* obsolete line folding: continue the previous value */
+		size_t start = 0;
+		if (r->head_buf.len == 0)
+			return n;
+		while (start < len && is_space(p[start]))
+			start++;
+		while (len > start && is_space(p[len - 1]))
+			len--;
+		r->head_buf.len--; /* drop the previous value's NUL */
+		if (buf_append(&r->head_buf, " ", 1) != 0 ||
+		    buf_append(&r->head_buf, p + start, len - start) != 0 ||
+		    buf_append(&r->head_buf, "", 1) != 0) {
+			r->abort = ABORT_NOMEM;
+			return 0;
+		}
+		return n;
+	}
+	for (colon = 0; colon < len && p[colon] != ':'; colon++)
+		;
+	if (colon == 0 || colon == len || colon >= sizeof(lower))
+		return n; /* not a header line; ignore it */
+	for (i = 0; i < colon; i++) {
+		char ch = p[i];
+		lower[i] = (ch >= 'A' && ch <= 'Z') ? (char)(ch - 'A' + 'a') : ch;
+	}
+	i = colon + 1;
+	while (i < len && is_space(p[i]))
+		i++;
+	while (len > i && is_space(p[len - 1]))
+		len--;
+	if (buf_append(&r->head_buf, lower, colon) != 0 ||
+	    buf_append(&r->head_buf, "", 1) != 0 ||
+	    buf_append(&r->head_buf, p + i, len - i) != 0 ||
+	    buf_append(&r->head_buf, "", 1) != 0) {
+		r->abort = ABORT_NOMEM;
+		return 0;
+	}
+	return n;
+}
+
+/* Receives body bytes: streams them to on_chunk for a 2xx response when the
+ * caller gave one, buffers them otherwise; enforces max_body on both. */
+static size_t on_write(char *p, size_t size, size_t nmemb, void *ud)
+{
+	http_request *r = ud;
+	size_t n = size * nmemb;
+
+	if (r->body_mode == BODY_UNDECIDED) {
+		long status = 0;
+		curl_easy_getinfo(r->easy, CURLINFO_RESPONSE_CODE, &status);
+		r->body_mode = (r->on_chunk != NULL && status >= 200 && status < 300)
+			? BODY_STREAM : BODY_BUFFER;
+	}
+	if (n > r->max_body - r->result.received) {
+		r->abort = ABORT_TOO_LARGE;
+		return 0;
+	}
+	r->result.received += n;
+	if (r->body_mode == BODY_STREAM) {
+		int rc = r->on_chunk(r->chunk_ud, p, n);
+		if (rc != 0) {
+			r->result.chunk_status = rc;
+			r->abort = ABORT_CHUNK;
+			return 0;
+		}
+		return n;
+	}
+	if (buf_append(&r->body_buf, p, n) != 0) {
+		r->abort = ABORT_NOMEM;
+		return 0;
+	}
+	return n;
+}
+
+/* ------------------------------------------------------------------------
+ * Requests
+ * ---------------------------------------------------------------------- */
+
+static int header_is(const http_header *h, const char *name)
+{
+	size_t i, n = strlen(name);
+	if (h->name_len != n)
+		return 0;
+	for (i = 0; i < n; i++) {
+		char ch = h->name[i];
+		if (ch >= 'A' && ch <= 'Z')
+			ch = (char)(ch - 'A' + 'a');
+		if (ch != name[i])
+			return 0;
+	}
+	return 1;
+}
+
+/* Appends "name: value" (or "name;" for an empty value, which is how curl
+ * is told to send an empty header) to *list. Returns 0 or -1. */
+static int add_header(struct curl_slist **list, const char *name, size_t name_len,
+                      const char *value, size_t value_len)
+{
+	struct curl_slist *next;
+	size_t n = name_len + 2 + value_len + 1;
+	char *line;
+
+	if (name_len > SIZE_MAX / 2 || value_len > SIZE_MAX / 2)
+		return -1;
+	line = malloc(n);
+	if (line == NULL)
+		return -1;
+	memcpy(line, name, name_len);
+	if (value_len == 0) {
+		line[name_len] = ';';
+		line[name_len + 1] = '\0';
+	} else {
+		line[name_len] = ':';
+		line[name_len + 1] = ' ';
+		memcpy(line + name_len + 2, value, value_len);
+		line[name_len + 2 + value_len] = '\0';
+	}
+	next = curl_slist_append(*list, line);
+	free(line);
+	if (next == NULL)
+		return -1;
+	*list = next;
+	return 0;
+}
+
+/* Appends a literal line to *list. Returns 0 or -1. */
+static int add_line(struct curl_slist **list, const char *line)
+{
+	struct curl_slist *next = curl_slist_append(*list, line);
+	if (next == NULL)
+		return -1;
+	*list = next;
+	return 0;
+}
+
+/* Builds r's request header list from the spec. Returns 0 or -1. */
+static int build_headers(http_request *r, const http_request_spec *spec)
+{
+	size_t i;
+	int has_expect = 0, has_type = 0;
+
+	for (i = 0; i < spec->nheaders; i++) {
+		const http_header *h = &spec->headers[i];
+		has_expect |= header_is(h, "expect");
+		has_type |= header_is(h, "content-type");
+		if (add_header(&r->headers, h->name, h->name_len, h->value, h->value_len) != 0)
+			return -1;
+	}
+	/* No "Expect: 100-continue" round trip, and no form content type that
+	 * curl would otherwise invent for a body. A value-less "Name:" line
+	 * tells curl to drop its own header. */
+	if (!has_expect && add_line(&r->headers, "Expect:") != 0)
+		return -1;
+	if (spec->body != NULL && !has_type &&
+	    add_line(&r->headers, "Content-Type:") != 0)
+		return -1;
+	return 0;
+}
+
+/* Sets the options that are the same for every request of c; a handle
+ * keeps them while it waits in c's pool. */
+static void setup_handle(http_client *c, http_request *r)
+{
+	opt_long(r, CURLOPT_NOSIGNAL, 1L);
+#if LIBCURL_VERSION_NUM >= 0x075500 /* 7.85.0 */
+	opt_str(r, CURLOPT_PROTOCOLS_STR, "http,https");
+#else
+	opt_long(r, CURLOPT_PROTOCOLS, (long)(CURLPROTO_HTTP | CURLPROTO_HTTPS));
+#endif
+	opt_write_fn(r, CURLOPT_WRITEFUNCTION, on_write);
+	opt_write_fn(r, CURLOPT_HEADERFUNCTION, on_header);
+	opt_long(r, CURLOPT_SSL_VERIFYPEER, c->verify_tls ? 1L : 0L);
+	opt_long(r, CURLOPT_SSL_VERIFYHOST, c->verify_tls ? 2L : 0L);
+	if (c->ca_file != NULL)
+		opt_str(r, CURLOPT_CAINFO, c->ca_file);
+	if (c->ca_path != NULL)
+		opt_str(r, CURLOPT_CAPATH, c->ca_path);
+	if (c->user_agent != NULL)
+		opt_str(r, CURLOPT_USERAGENT, c->user_agent);
+	opt_long(r, CURLOPT_TCP_KEEPALIVE, 1L);
+}
+
+/* Gives r a configured handle: an idle one from c's pool, or a new one. */
+static int take_easy(http_client *c, http_request *r)
+{
+	if (c->nidle > 0) {
+		r->easy = c->idle[--c->nidle];
+		return 0;
+	}
+	r->easy = curl_easy_init();
+	if (r->easy == NULL)
+		return -1;
+	setup_handle(c, r);
+	return 0;
+}
+
+/* Sets the options of this request. Every option a previous request on the
+ * same handle may have set is set again, so nothing leaks between them. */
+static void setup_request(http_request *r, const http_request_spec *spec)
+{
+	const char *method = spec->method;
+
+	opt_str(r, CURLOPT_URL, spec->url);
+	opt_ptr(r, CURLOPT_ERRORBUFFER, r->errbuf);
+	opt_ptr(r, CURLOPT_PRIVATE, r);
+	opt_ptr(r, CURLOPT_WRITEDATA, r);
+	opt_ptr(r, CURLOPT_HEADERDATA, r);
+	opt_long(r, CURLOPT_TIMEOUT_MS, spec->timeout_ms);
+	opt_long(r, CURLOPT_CONNECTTIMEOUT_MS, spec->connect_timeout_ms);
+	opt_off(r, CURLOPT_MAXFILESIZE_LARGE,
+	        spec->max_body < (size_t)INT64_MAX ? (curl_off_t)spec->max_body : 0);
+	opt_slist(r, CURLOPT_HTTPHEADER, r->headers);
+
+	/* the method: NOBODY 0 first, as a HEAD before would otherwise stick */
+	if (method == NULL)
+		method = spec->body != NULL ? "POST" : "GET";
+	opt_long(r, CURLOPT_NOBODY, 0L);
+	opt_str(r, CURLOPT_CUSTOMREQUEST, NULL);
+	if (spec->body != NULL || strcmp(method, "POST") == 0) {
+		opt_off(r, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)spec->body_len);
+		opt_str(r, CURLOPT_POSTFIELDS, spec->body != NULL ? spec->body : "");
+		if (strcmp(method, "POST") != 0)
+			opt_str(r, CURLOPT_CUSTOMREQUEST, method);
+		return;
+	}
+	opt_str(r, CURLOPT_POSTFIELDS, NULL);
+	opt_off(r, CURLOPT_POSTFIELDSIZE_LARGE, -1);
+	opt_long(r, CURLOPT_HTTPGET, 1L);
+	if (strcmp(method, "HEAD") == 0)
+		opt_long(r, CURLOPT_NOBODY, 1L);
+	else if (strcmp(method, "GET") != 0)
+		opt_str(r, CURLOPT_CUSTOMREQUEST, method);
+}
+
+http_request *http_request_new(http_client *c, const http_request_spec *spec)
+{
+	http_request *r = calloc(1, sizeof(*r));
+	if (r == NULL)
+		return NULL;
+	r->result.kind = HTTP_EOTHER;
+	r->result.message = r->message;
+	r->body = spec->body;
+	r->body_len = spec->body_len;
+	r->max_body = spec->max_body;
+	r->on_chunk = spec->on_chunk;
+	r->chunk_ud = spec->chunk_ud;
+	snprintf(r->message, sizeof(r->message), "request did not run");
+	if (take_easy(c, r) != 0) {
+		fail(r, HTTP_EOTHER, CURLE_FAILED_INIT, "curl_easy_init failed");
+		return r;
+	}
+	if (build_headers(r, spec) != 0) {
+		fail(r, HTTP_EOTHER, CURLE_OUT_OF_MEMORY, "out of memory building request headers");
+		return r;
+	}
+	if (r->setup_error == CURLE_OK)
+		setup_request(r, spec);
+	if (r->setup_error != CURLE_OK) {
+		CURLcode rc = r->setup_error;
+		fail(r, classify(rc) == HTTP_EOTHER ? HTTP_EOTHER : HTTP_EINVALID, (int)rc,
+		     "request setup: %s", curl_easy_strerror(rc));
+	}
+	return r;
+}
+
+const http_result *http_request_result(const http_request *r)
+{
+	return &r->result;
+}
+
+void http_request_free(http_client *c, http_request *r)
+{
+	if (r == NULL)
+		return;
+	if (r->easy != NULL) {
+		if (r->in_multi && c != NULL)
+			curl_multi_remove_handle(c->multi, r->easy);
+		/* A handle curl refused an option on may lack client settings:
+		 * never pool it. A pooled one forgets r's pointers. */
+		if (c != NULL && c->nidle < POOL_MAX && r->setup_error == CURLE_OK) {
+			curl_easy_setopt(r->easy, CURLOPT_HTTPHEADER, (struct curl_slist *)NULL);
+			curl_easy_setopt(r->easy, CURLOPT_ERRORBUFFER, (char *)NULL);
+			curl_easy_setopt(r->easy, CURLOPT_WRITEDATA, (void *)NULL);
+			curl_easy_setopt(r->easy, CURLOPT_HEADERDATA, (void *)NULL);
+			curl_easy_setopt(r->easy, CURLOPT_PRIVATE, (void *)NULL);
+			c->idle[c->nidle++] = r->easy;
+		} else {
+			curl_easy_cleanup(r->easy);
+		}
+	}
+	curl_slist_free_all(r->headers);
+	buf_free(&r->body_buf);
+	buf_free(&r->head_buf);
+	free(r->index);
+	free(r);
+}
+
+/* ------------------------------------------------------------------------
+ * Running requests
+ * ---------------------------------------------------------------------- */
+
+static double info_seconds(CURL *easy, CURLINFO what)
+{
+	curl_off_t us = 0;
+	if (curl_easy_getinfo(easy, what, &us) != CURLE_OK)
+		return 0.0;
+	return (double)us / 1e6;
+}
+
+/* Points the result's header array into head_buf. Returns 0 or -1. */
+static int index_headers(http_request *r)
+{
+	size_t n = 0, i = 0, off = 0;
+	const char *p = r->head_buf.data;
+
+	for (off = 0; off < r->head_buf.len; off++)
+		if (p[off] == '\0')
+			n++;
+	n /= 2;
+	if (n == 0)
+		return 0;
+	r->index = malloc(n * sizeof(*r->index));
+	if (r->index == NULL)
+		return -1;
+	off = 0;
+	for (i = 0; i < n; i++) {
+		http_header *h = &r->index[i];
+		h->name = p + off;
+		h->name_len = strlen(h->name);
+		off += h->name_len + 1;
+		h->value = p + off;
+		h->value_len = strlen(h->value);
+		off += h->value_len + 1;
+	}
+	r->result.headers = r->index;
+	r->result.nheaders = n;
+	return 0;
+}
+
+/* Fills r's result once curl reports it done with code. */
+static void finish(http_request *r, CURLcode code)
+{
+	http_result *res = &r->result;
+	long status = 0;
+
+	curl_easy_getinfo(r->easy, CURLINFO_RESPONSE_CODE, &status);
+	res->status = status;
+	res->connect_time = info_seconds(r->easy, CURLINFO_CONNECT_TIME_T);
+	res->first_byte_time = info_seconds(r->easy, CURLINFO_STARTTRANSFER_TIME_T);
+	res->total_time = info_seconds(r->easy, CURLINFO_TOTAL_TIME_T);
+	res->streamed = r->body_mode == BODY_STREAM;
+	res->body = r->body_buf.data != NULL ? r->body_buf.data : "";
+	res->body_len = r->body_buf.len;
+
+	if (code != CURLE_OK && r->abort == ABORT_TOO_LARGE) {
+		fail(r, HTTP_ETOOLARGE, (int)code, "response body exceeds max_body (%lu bytes)",
+		     (unsigned long)r->max_body);
+	} else if (code == CURLE_FILESIZE_EXCEEDED) {
+		fail(r, HTTP_ETOOLARGE, (int)code,
+		     "response body exceeds max_body (%lu bytes): Content-Length too large",
+		     (unsigned long)r->max_body);
+	} else if (code != CURLE_OK && r->abort == ABORT_HEADERS) {
+		fail(r, HTTP_ETOOLARGE, (int)code, "response headers exceed %d bytes",
+		     HEADER_BYTES_MAX);
+	} else if (code != CURLE_OK && r->abort == ABORT_CHUNK) {
+		fail(r, HTTP_EABORTED, (int)code, "transfer aborted by on_chunk");
+	} else if (code != CURLE_OK && r->abort == ABORT_NOMEM) {
+		fail(r, HTTP_EOTHER, (int)code, "out of memory receiving the response");
+	} else if (code != CURLE_OK) {
+		const char *what = curl_easy_strerror(code);
+		if (r->errbuf[0] != '\0' && strcmp(r->errbuf, what) != 0)
+			fail(r, classify(code), (int)code, "%s: %s", what, r->errbuf);
+		else
+			fail(r, classify(code), (int)code, "%s", what);
+	} else if (index_headers(r) != 0) {
+		fail(r, HTTP_EOTHER, CURLE_OUT_OF_MEMORY, "out of memory indexing headers");
+	} else {
+		res->kind = HTTP_OK;
+		res->curl_code = 0;
+		r->message[0] = '\0';
+		r->done = 1;
+	}
+}
+
+/* Fails every request still in the multi handle after the multi failed. */
+static void fail_running(http_client *c, http_request *const *reqs, size_t n, CURLMcode mc)
+{
+	size_t i;
+	for (i = 0; i < n; i++) {
+		http_request *r = reqs[i];
+		if (r == NULL || !r->in_multi)
+			continue;
+		curl_multi_remove_handle(c->multi, r->easy);
+		r->in_multi = 0;
+		fail(r, HTTP_EOTHER, CURLE_FAILED_INIT, "curl multi: %s", curl_multi_strerror(mc));
+	}
+}
+
+int http_perform(http_client *c, http_request *const *reqs, size_t n)
+{
+	size_t i, active = 0;
+	CURLMcode mc;
+
+	for (i = 0; i < n; i++) {
+		http_request *r = reqs[i];
+		if (r == NULL || r->done)
+			continue;
+		r->errbuf[0] = '\0';
+		mc = curl_multi_add_handle(c->multi, r->easy);
+		if (mc != CURLM_OK) {
+			fail(r, HTTP_EOTHER, CURLE_FAILED_INIT, "curl multi: %s",
+			     curl_multi_strerror(mc));
+			continue;
+		}
+		r->in_multi = 1;
+		active++;
+	}
+	while (active > 0) {
+		int running = 0, left = 0;
+		CURLMsg *msg;
+
+		mc = curl_multi_perform(c->multi, &running);
+		if (mc != CURLM_OK) {
+			fail_running(c, reqs, n, mc);
+			return -1;
+		}
+		while ((msg = curl_multi_info_read(c->multi, &left)) != NULL) {
+			if (msg->msg != CURLMSG_DONE)
+				continue;
+			for (i = 0; i < n; i++) {
+				http_request *r = reqs[i];
+				if (r != NULL && r->in_multi && r->easy == msg->easy_handle) {
+					CURLcode code = msg->data.result;
+					/* msg is invalid once the handle is removed */
+					curl_multi_remove_handle(c->multi, r->easy);
+					r->in_multi = 0;
+					finish(r, code);
+					active--;
+					break;
+				}
+			}
+		}
+		if (active == 0)
+			break;
+		/* curl caps the wait at its own next timeout */
+		mc = curl_multi_poll(c->multi, NULL, 0, 1000, NULL);
+		if (mc != CURLM_OK) {
+			fail_running(c, reqs, n, mc);
+			return -1;
+		}
+	}
+	return 0;
+}
+
+/* ------------------------------------------------------------------------
+ * Retry-After
+ * ---------------------------------------------------------------------- */
+
+/* Trims optional whitespace; returns 0 when the value cannot be one at all. */
+static int trim_value(const char **s, size_t *len)
+{
+	const char *p = *s;
+	size_t n = *len;
+	if (p == NULL || n == 0 || n > 256 || memchr(p, '\0', n) != NULL)
+		return 0;
+	while (n > 0 && is_space(*p)) {
+		p++;
+		n--;
+	}
+	while (n > 0 && is_space(p[n - 1]))
+		n--;
+	*s = p;
+	*len = n;
+	return n > 0;
+}
+
+/* Parses DIGITS or, with allow_fraction, DIGITS "." DIGITS, no sign, no
+ * exponent, at most 15 integer digits. Returns 1 and *out, or 0. */
+static int parse_decimal(const char *p, size_t n, int allow_fraction, double *out)
+{
+	size_t i = 0, digits = 0;
+	double v = 0.0, scale = 1.0;
+
+	for (; i < n && p[i] >= '0' && p[i] <= '9'; i++, digits++) {
+		if (digits >= 15)
+			return 0;
+		v = v * 10.0 + (p[i] - '0');
+	}
+	if (digits == 0)
+		return 0;
+	if (i < n && allow_fraction && p[i] == '.') {
+		size_t frac = 0;
+		for (i++; i < n && p[i] >= '0' && p[i] <= '9'; i++, frac++) {
+			if (frac < 9) {
+				scale /= 10.0;
+				v += (p[i] - '0') * scale;
+			}
+		}
+		if (frac == 0)
+			return 0;
+	}
+	if (i != n)
+		return 0;
+	*out = v;
+	return 1;
+}
+
+int http_parse_retry_after(const char *s, size_t len, time_t now, double *out)
+{
+	char date[257];
+	size_t i;
+	int letters = 0;
+	time_t when;
+	double delta;
+
+	if (!trim_value(&s, &len))
+		return 0;
+	if (s[0] >= '0' && s[0] <= '9' && parse_decimal(s, len, 0, &delta)) {
+		if (delta > HTTP_RETRY_AFTER_MAX)
+			return 0;
+		*out = delta;
+		return 1;
+	}
+	/* An HTTP-date has a day or month name; bare numbers, signs and
+	 * punctuation are garbage, not dates. */
+	for (i = 0; i < len; i++) {
+		unsigned char ch = (unsigned char)s[i];
+		if (ch < 0x20 || ch > 0x7e)
+			return 0;
+		letters += (ch >= 'A' && ch <= 'Z') || (ch >= 'a' && ch <= 'z');
+	}
+	if (letters < 3)
+		return 0;
+	memcpy(date, s, len);
+	date[len] = '\0';
+	when = curl_getdate(date, NULL);
+	if (when == (time_t)-1)
+		return 0;
+	delta = difftime(when, now);
+	if (delta > HTTP_RETRY_AFTER_MAX)
+		return 0;
+	*out = delta > 0.0 ? delta : 0.0;
+	return 1;
+}
+
+int http_parse_retry_after_ms(const char *s, size_t len, double *out)
+{
+	double ms;
+	if (!trim_value(&s, &len) || !parse_decimal(s, len, 1, &ms))
+		return 0;
+	if (ms > HTTP_RETRY_AFTER_MAX)
+		return 0;
+	*out = ms / 1000.0;
+	return 1;
+}
