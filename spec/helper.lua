@@ -82,7 +82,10 @@ end
 
 -- Starts a fake upstream on a free port of 127.0.0.1 and returns it once it
 -- accepts connections. opts: workers (default 1), api_key (default
--- "sk-test-good"; false accepts any key). Raises when it cannot start.
+-- "sk-test-good"; false accepts any key), tls (true: https with a fresh
+-- self-signed certificate for the name localhost only; up.url is then
+-- https://localhost:PORT and up.ca_file the certificate). Raises when it
+-- cannot start.
 function upstream.start(opts)
   opts = opts or {}
   local workers = opts.workers or 1
@@ -97,8 +100,8 @@ function upstream.start(opts)
   for _ = 1, 5 do  -- a port found free can be taken before nginx binds it
     local port = helper.free_port()
     local prefix = helper.tmp_dir .. "/upstream-" .. port
-    local cmd = format("WORKERS=%d API_KEY=%s %s start %s %d 2>&1", workers,
-                       shell_quote(api_key), shell_quote(script), shell_quote(prefix), port)
+    local cmd = format("WORKERS=%d API_KEY=%s TLS=%d %s start %s %d 2>&1", workers,
+                       shell_quote(api_key), opts.tls and 1 or 0, shell_quote(script), shell_quote(prefix), port)
     local p = assert(io.popen(cmd))
     local out = p:read("*a")
     p:close()
@@ -108,7 +111,8 @@ function upstream.start(opts)
         port = tonumber(got_port),
         pid = tonumber(pid),
         prefix = prefix,
-        url = "http://127.0.0.1:" .. got_port,
+        url = (opts.tls and "https://localhost:" or "http://127.0.0.1:") .. got_port,
+        ca_file = opts.tls and (prefix .. "/conf/cert.pem") or nil,
         api_key = api_key ~= "" and api_key or nil,
         workers = workers,
       }, Upstream)
@@ -132,10 +136,12 @@ function Upstream:stop()
   end
 end
 
--- True while the server's master process exists.
+-- True while the server's master process runs (a zombie counts as gone).
 function Upstream:alive()
-  local rc = os.execute(format("kill -0 %d 2>/dev/null", self.pid))
-  return rc == 0 or rc == true
+  local p = assert(io.popen(format("ps -o stat= -p %d 2>/dev/null", self.pid)))
+  local stat = p:read("*a")
+  p:close()
+  return stat:match("^%s*[^%sZ]") ~= nil
 end
 
 -- Clears counters, the scenario, the rate limit and the last request.
@@ -156,6 +162,17 @@ end
 function Upstream:scenario(steps)
   local body = #steps == 0 and "[]" or cjson.encode(steps)
   return control(self, "POST", "scenario", body).steps
+end
+
+-- Scripts an incident by wall-clock time: phases[i] = { name =, duration =
+-- seconds, ratio = share of requests faulted (default 1), mix = { fault, ... }
+-- (faulted requests take these round-robin) or fault keys as in scenario }.
+-- The timeline starts at `start` (epoch seconds, default now); requests after
+-- its end behave normally. up:stats().phases counts requests per phase name
+-- and up:stats().phase names the current one. Returns the number of phases.
+function Upstream:timeline(phases, start)
+  local body = cjson.encode({ phases = phases, start = start })
+  return control(self, "POST", "timeline", body).phases
 end
 
 -- Turns on a requests-per-minute limit (nil or 0 turns it off).

@@ -372,7 +372,10 @@ function _M.new(opts, where)
         v.message = err.message
         return v
       end
-      return verdict_of(unknown, nil, type(err.kind) == "string" and err.kind or nil)
+      local v = verdict_of(unknown, nil)
+      if type(err.kind) == "string" then v.kind = err.kind end
+      v.message = type(err.message) == "string" and err.message or nil
+      return v
     end
     if te == "string" then
       local k = STRING_KINDS[err]
@@ -398,7 +401,7 @@ function _M.new(opts, where)
 
   local function rules(res, err)
     if err ~= nil then return by_error(err) end
-    if type(res) == "table" and res.status ~= nil then return by_response(res) end
+    if type(res) == "table" and type(res.status) == "number" then return by_response(res) end
     return SUCCESS
   end
 
@@ -432,7 +435,9 @@ end
 -- Expose the defaults (copies) for documentation and specs.
 function _M.default_rules()
   local s, k = {}, {}
-  for code, r in pairs(DEFAULT_STATUSES) do s[code] = { outcome = r.outcome, retryable = r.retryable, kind = r.kind } end
+  for code, r in pairs(DEFAULT_STATUSES) do
+    s[code] = { outcome = r.outcome, retryable = r.retryable, kind = r.kind }
+  end
   for name, r in pairs(DEFAULT_KINDS) do k[name] = { outcome = r.outcome, retryable = r.retryable } end
   return s, k
 end

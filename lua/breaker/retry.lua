@@ -64,8 +64,6 @@ _M._fail, _M._check_keys, _M._num, _M._int = fail, check_keys, num, int
 -- ---------------------------------------------------------------------------
 -- Clock and sleep defaults
 
-local ngx = rawget(_G, "ngx")
-
 local bclock -- breaker.clock, false if the facade cannot load
 local function breaker_clock()
   if bclock == nil then
@@ -93,11 +91,12 @@ do
   end
 end
 
--- Monotonic seconds: breaker.clock.now() (so specs that freeze the breaker's
--- clock move this one too), else clock_gettime through the FFI, else os.time().
+-- Monotonic seconds: breaker.clock.now_precise() (so specs that freeze the
+-- breaker's clock move this one too), else clock_gettime through the FFI,
+-- else os.time().
 function _M.now()
   local c = breaker_clock()
-  if c then return c.now() end
+  if c then return (c.now_precise or c.now)() end
   if ffi_now then return ffi_now() end
   return os.time()
 end
@@ -112,6 +111,7 @@ local YIELDABLE = { rewrite = true, access = true, content = true, timer = true,
 -- blocks this process), else poll() through the FFI.
 function _M.sleep(seconds)
   if seconds <= 0 then return end
+  local ngx = rawget(_G, "ngx")
   if ngx and ngx.sleep and ngx.get_phase and YIELDABLE[ngx.get_phase()] then
     return ngx.sleep(seconds)
   end
@@ -236,7 +236,7 @@ function _M.new(opts, where)
   if opts.max_delay == false then self.max_delay = huge
   else self.max_delay = num(opts, where, "max_delay", 60, 0) end
   local b = opts.budget
-  if b == false then self.budget = nil
+  if b == false then self.budget = false -- not nil: that would find _M.budget
   elseif _M.is_budget(b) then self.budget = b
   else self.budget = _M.budget(b, where .. ".budget") end
   return self

@@ -149,8 +149,39 @@ local function remember_request(body)
   }))
 end
 
+-- Timeline: phases by wall-clock time since `tl_start`. Phase i (stored
+-- as JSON under "tl:i") lasts `duration` seconds; a share `ratio` of its
+-- requests (default all, spread evenly: request k is faulted when
+-- floor(k * ratio) moves) gets its fault, taken round-robin from `mix` when
+-- given. Counts requests per phase under "tl_count:i".
+local function timeline_fault()
+  local start = dict:get("tl_start")
+  if not start then return nil end
+  local t = ngx.now() - start
+  if t < 0 then return nil end
+  local acc = 0
+  for i = 1, dict:get("tl_n") or 0 do
+    local phase = cjson.decode(dict:get("tl:" .. i) or "{}") or {}
+    acc = acc + (tonumber(phase.duration) or 0)
+    if t < acc then
+      dict:incr("tl_count:" .. i, 1, 0)
+      local ratio = tonumber(phase.ratio) or 1
+      local k = dict:incr("tl_seen:" .. i, 1, 0)
+      if floor(k * ratio + 1e-9) == floor((k - 1) * ratio + 1e-9) then return nil end
+      local mix = phase.mix
+      if type(mix) == "table" and #mix > 0 then
+        local j = dict:incr("tl_mix:" .. i, 1, 0)
+        return mix[(j - 1) % #mix + 1]
+      end
+      return phase.fault and phase or nil
+    end
+  end
+  return nil
+end
+
 -- The fault for this request: the x-fake-fault header, else the next
--- scenario step, else nil (behave normally).
+-- scenario step, else the timeline's current phase, else nil (behave
+-- normally).
 local function next_fault()
   local h = ngx.req.get_headers()["x-fake-fault"]
   if type(h) == "table" then h = h[1] end
@@ -160,7 +191,7 @@ local function next_fault()
     local pos = dict:incr("step_pos", 1, 0)
     if pos <= n then return cjson.decode(dict:get("step:" .. pos) or "{}") end
   end
-  return nil
+  return timeline_fault()
 end
 
 local function lock()
@@ -357,6 +388,15 @@ local function echo(body, f)
   }, f)
 end
 
+-- /headers: repeated and mixed-case response headers, for transport specs.
+local function headers(_, f)
+  ngx.header["Set-Cookie"] = { "a=1; Path=/", "b=2; Path=/" }
+  ngx.header["X-Multi"] = { "one", "two" }
+  ngx.header["X-Mixed-Case"] = "Value"
+  ngx.header["X-Empty"] = ""
+  return send_json(200, { ok = true }, f)
+end
+
 local ROUTES = {
   ["/v1/chat/completions"] = { "POST", chat, true },
   ["/v1/embeddings"] = { "POST", embeddings, true },
@@ -366,6 +406,7 @@ local ROUTES = {
 local function route(body, f)
   local path, method = ngx.var.uri, ngx.req.get_method()
   if path == "/echo" then return echo(body, f) end
+  if path == "/headers" then return headers(body, f) end
   local r = ROUTES[path]
   if not r then
     return send_error(404, format("Invalid URL (%s %s)", method, path), "invalid_request_error")
@@ -465,13 +506,58 @@ local function stats()
     local p = k:match("^path:(.*)$")
     if p then paths[p] = dict:get(k) end
   end
+  local phases, phase_now = {}, cjson.null
+  local start = dict:get("tl_start")
+  if start then
+    ngx.update_time()
+    local t, acc = ngx.now() - start, 0
+    for i = 1, dict:get("tl_n") or 0 do
+      local phase = cjson.decode(dict:get("tl:" .. i) or "{}") or {}
+      local name = tostring(phase.name or i)
+      phases[name] = (phases[name] or 0) + (dict:get("tl_count:" .. i) or 0)
+      acc = acc + (tonumber(phase.duration) or 0)
+      if phase_now == cjson.null and t >= 0 and t < acc then phase_now = name end
+    end
+  end
   return {
     requests = dict:get("requests") or 0,
     connections = dict:get("connections") or 0,
     rate_limited = dict:get("rate_limited") or 0,
     scenario_left = max(0, (dict:get("steps") or 0) - (dict:get("step_pos") or 0)),
     paths = paths,
+    phases = phases,
+    phase = phase_now,
   }
+end
+
+-- Replaces the timeline: { start = epoch seconds (default now), phases = {
+-- { name, duration, ratio, mix, fault keys... }, ... } }.
+local function set_timeline(spec)
+  if type(spec) ~= "table" or type(spec.phases) ~= "table" then
+    return nil, "timeline must be a JSON object with a phases array"
+  end
+  for i, phase in ipairs(spec.phases) do
+    if type(phase) ~= "table" or not tonumber(phase.duration) or tonumber(phase.duration) < 0 then
+      return nil, "phase " .. i .. ": needs a duration >= 0"
+    end
+    if phase.ratio ~= nil and not (tonumber(phase.ratio) and phase.ratio >= 0 and phase.ratio <= 1) then
+      return nil, "phase " .. i .. ": ratio must be in [0, 1]"
+    end
+    if phase.mix ~= nil and type(phase.mix) ~= "table" then
+      return nil, "phase " .. i .. ": mix must be an array of faults"
+    end
+  end
+  for _, k in ipairs(dict:get_keys(0)) do
+    if k:find("^tl") then dict:delete(k) end
+  end
+  for i, phase in ipairs(spec.phases) do
+    local ok, err = dict:set("tl:" .. i, json_encode(phase))
+    if not ok then return nil, "shared dict: " .. tostring(err) end
+  end
+  dict:set("tl_n", #spec.phases)
+  ngx.update_time()
+  dict:set("tl_start", tonumber(spec.start) or ngx.now())
+  return #spec.phases
 end
 
 local function set_scenario(steps)
@@ -517,6 +603,10 @@ function _M.control()
     local n, err = set_scenario(cjson.decode(read_body()))
     if not n then return send_error(400, "control: " .. err, "invalid_request_error") end
     return send_json(200, { ok = true, steps = n })
+  elseif op == "timeline" then
+    local n, err = set_timeline(cjson.decode(read_body()))
+    if not n then return send_error(400, "control: " .. err, "invalid_request_error") end
+    return send_json(200, { ok = true, phases = n })
   elseif op == "rate_limit" then
     local rpm = tonumber(ngx.req.get_uri_args().rpm) or 0
     dict:set("rpm", max(0, floor(rpm)))

@@ -7,7 +7,8 @@
 #   upstream.sh stop DIR           stop the server started in DIR, by its pid
 #
 # Environment: WORKERS (default 1), API_KEY (default sk-test-good; empty means
-# no key check), NGINX (default nginx). Everything the server writes (config,
+# no key check), TLS (1: serve https with a fresh self-signed certificate for
+# the name localhost only, written to DIR/conf/cert.pem), NGINX (default nginx). Everything the server writes (config,
 # pid, logs, temp files) stays under DIR. See README.md.
 set -eu
 
@@ -42,8 +43,18 @@ start() {
 	mkdir -p "$dir/conf" "$dir/logs" "$dir/tmp"
 	dir=$(cd "$dir" && pwd)
 	[ "$(id -u)" = 0 ] && user="user root;"
+	local ssl="" ssl_cert=""
+	if [ "${TLS:-0}" = 1 ]; then
+		openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=localhost \
+			-addext "subjectAltName=DNS:localhost" \
+			-keyout "$dir/conf/key.pem" -out "$dir/conf/cert.pem" 2>/dev/null \
+			|| die "openssl could not make a certificate"
+		ssl=" ssl"
+		ssl_cert="ssl_certificate $dir/conf/cert.pem; ssl_certificate_key $dir/conf/key.pem;"
+	fi
 	sed -e "s|@PORT@|$port|g" -e "s|@WORKERS@|$workers|g" -e "s|@PREFIX@|$dir|g" \
 	    -e "s|@SUPPORT@|$here|g" -e "s|@API_KEY@|$key|g" -e "s|@USER@|$user|g" \
+	    -e "s|@SSL@|$ssl|g" -e "s|@SSL_CERT@|$ssl_cert|g" \
 	    "$here/nginx.conf" >"$dir/conf/nginx.conf"
 	rm -f "$dir/logs/nginx.pid"
 	"$NGINX" -p "$dir/" -c conf/nginx.conf -e logs/error.log -g 'daemon on;' \
@@ -62,20 +73,28 @@ start() {
 	die "nginx did not answer on port $port within 5 s"
 }
 
+# True while process $1 exists and is not a zombie waiting to be reaped.
+running() {
+	local st
+	st=$(ps -o stat= -p "$1" 2>/dev/null) || return 1
+	case $st in Z*|'') return 1 ;; esac
+	return 0
+}
+
 stop() {
 	local dir=$1 pid i
 	[ -s "$dir/logs/nginx.pid" ] || return 0
 	pid=$(cat "$dir/logs/nginx.pid")
 	case $pid in ''|*[!0-9]*) die "bad pid file $dir/logs/nginx.pid" ;; esac
-	if ! kill -0 "$pid" 2>/dev/null; then rm -f "$dir/logs/nginx.pid"; return 0; fi
+	if ! running "$pid"; then rm -f "$dir/logs/nginx.pid"; return 0; fi
 	local workers
 	workers=$(ps -o pid= --ppid "$pid" 2>/dev/null || true)
 	kill -TERM "$pid" 2>/dev/null || true
 	for i in $(seq 1 200); do
-		kill -0 "$pid" 2>/dev/null || break
+		running "$pid" || break
 		sleep 0.025
 	done
-	if kill -0 "$pid" 2>/dev/null; then
+	if running "$pid"; then
 		echo "upstream.sh: nginx $pid ignored TERM, killing it" >&2
 		kill -KILL "$pid" $workers 2>/dev/null || true
 	fi

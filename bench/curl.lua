@@ -1,0 +1,180 @@
+-- bench/curl.lua: breaker.curl against lua-socket's socket.http and the
+-- other libcurl binding (Lua-cURL `cURL` when installed, else Debian's
+-- lua-curl package, which is luacurl `curl`), one reused easy handle each:
+-- sequential small POSTs with keep-alive to the fake upstream on loopback.
+-- Then request_many with 16 in flight against the same requests one by one.
+-- Prints figures, asserts nothing.
+--
+--   LUA_PATH='lua/?.lua;lua/?/init.lua;spec/?.lua;;' LUA_CPATH='build/?.so;;' luajit bench/curl.lua
+--
+-- BENCH_N sets the number of requests per run (default 2000), BENCH_ROUNDS
+-- how many times each client runs, interleaved (default 3); the best round
+-- of each client is printed, so a noisy neighbour skews every client alike.
+
+local curl = require "breaker.curl"
+local helper = require "helper"
+local socket = require "socket"
+
+local N = tonumber(os.getenv("BENCH_N")) or 2000
+local ROUNDS = tonumber(os.getenv("BENCH_ROUNDS")) or 3
+local WARMUP = 100
+local BODY = '{"model":"text-embedding-fake","input":"hello"}'
+local PATH = "/v1/embeddings"
+
+local now = socket.gettime
+
+-- Runs fn() n times after `warmup` runs; returns requests per second and
+-- client CPU microseconds per request.
+local function measure(n, fn, warmup)
+  for _ = 1, warmup or WARMUP do fn() end
+  collectgarbage()
+  local t0, c0 = now(), os.clock()
+  for _ = 1, n do fn() end
+  local wall, cpu = now() - t0, os.clock() - c0
+  return n / wall, cpu / n * 1e6
+end
+
+local function check(ok, what)
+  if not ok then error(what, 2) end
+end
+
+-- Each client: name, setup(url) -> one_request, teardown.
+local function breaker_client(url)
+  local t = curl.new{ timeout = 10 }
+  local req = { method = "POST", url = url, headers = { ["content-type"] = "application/json" },
+                body = BODY }
+  return function()
+    local res = t:request(req)
+    check(res and res.status == 200, "breaker.curl request failed")
+  end, function() t:close() end
+end
+
+local function lua_curl_client(url)
+  local cURL = require "cURL"
+  local sink = {}
+  local e = cURL.easy{
+    url = url, post = true, postfields = BODY,
+    httpheader = { "Content-Type: application/json", "Expect:" },
+    writefunction = function(s) sink[#sink + 1] = s; return true end,
+    timeout = 10,
+  }
+  return function()
+    sink = {}
+    e:perform()
+    check(e:getinfo_response_code() == 200, "Lua-cURL request failed")
+    local _ = table.concat(sink)
+  end, function() e:close() end
+end
+
+local function luacurl_client(url)
+  local luacurl = require "curl"
+  local sink, status = {}, nil
+  local e = luacurl.easy_init()
+  e:setopt(luacurl.OPT_URL, url)
+  e:setopt(luacurl.OPT_POSTFIELDS, BODY)
+  e:setopt(luacurl.OPT_HTTPHEADER, { "Content-Type: application/json", "Expect:" })
+  e:setopt(luacurl.OPT_TIMEOUT, 10)
+  e:setopt(luacurl.OPT_WRITEFUNCTION, function(buf, n) sink[#sink + 1] = buf; return n end)
+  e:setopt(luacurl.OPT_HEADERFUNCTION, function(buf, n)  -- the status, as breaker.curl gives it
+    local code = buf:match("^HTTP/%S+ (%d+)")
+    if code then status = tonumber(code) end
+    return n
+  end)
+  return function()
+    sink, status = {}, nil
+    check(e:perform() == 0 and status == 200, "luacurl request failed")
+    local _ = table.concat(sink)
+  end, function() end
+end
+
+local function socket_http_client(url)
+  local http, ltn12 = require "socket.http", require "ltn12"
+  return function()
+    local out = {}
+    local _, code = http.request{
+      url = url, method = "POST", source = ltn12.source.string(BODY), sink = ltn12.sink.table(out),
+      headers = { ["content-type"] = "application/json", ["content-length"] = #BODY },
+    }
+    check(code == 200, "socket.http request failed")
+  end, function() end
+end
+
+local clients = { { name = "breaker.curl", make = breaker_client } }
+if pcall(require, "cURL") then
+  clients[#clients + 1] = { name = "Lua-cURL", make = lua_curl_client }
+else
+  local ok, m = pcall(require, "curl")
+  if ok and type(m) == "table" and m.easy_init then
+    clients[#clients + 1] = { name = "luacurl", make = luacurl_client }
+  end
+end
+clients[#clients + 1] = { name = "socket.http", make = socket_http_client }
+
+-- Sequential: every client, ROUNDS times interleaved, best round kept.
+local function sequential(up)
+  local url = up.url .. PATH
+  for _, c in ipairs(clients) do c.rps, c.cpu = 0, math.huge end
+  for _ = 1, ROUNDS do
+    for _, c in ipairs(clients) do
+      up:reset()
+      local one, close = c.make(url)
+      local rps, cpu = measure(N, one)
+      close()
+      c.conns = up:stats().connections
+      if rps > c.rps then c.rps = rps end
+      if cpu < c.cpu then c.cpu = cpu end
+    end
+  end
+  print(("sequential POST %s: %d requests x %d rounds (best kept), fake upstream with %d " ..
+         "nginx worker(s) on loopback"):format(PATH, N, ROUNDS, up.workers))
+  local ours = clients[1].rps
+  for _, c in ipairs(clients) do
+    local ratio = ""
+    if c ~= clients[1] then
+      ratio = ("breaker.curl/%s = %.2f (target >= %d)")
+              :format(c.name, ours / c.rps, c.name == "socket.http" and 2 or 1)
+    end
+    print(("  %-14s %8.0f req/s  %6.1f us client CPU/req  %5d conn  %s")
+          :format(c.name, c.rps, c.cpu, c.conns, ratio))
+  end
+end
+
+-- request_many with 16 in flight against one by one, same transport.
+local function parallel(up, label, fault, n, warmup)
+  local t = curl.new{ timeout = 10 }
+  local req = { method = "POST", url = up.url .. PATH, body = BODY,
+                headers = { ["content-type"] = "application/json", ["x-fake-fault"] = fault } }
+  local batch = {}
+  for i = 1, 16 do batch[i] = req end
+  local seq, par = 0, 0
+  for _ = 1, ROUNDS do
+    seq = math.max(seq, (measure(n, function()
+      local res = t:request(req)
+      check(res and res.status == 200, "sequential request failed")
+    end, warmup)))
+    par = math.max(par, 16 * measure(math.ceil(n / 16), function()
+      for _, r in ipairs(t:request_many(batch)) do
+        check(r.res and r.res.status == 200, "parallel request failed")
+      end
+    end, math.ceil(warmup / 16)))
+  end
+  t:close()
+  print(("  %-32s sequential %7.0f req/s  parallel %7.0f req/s  ratio %5.2f")
+        :format(label, seq, par, par / seq))
+end
+
+local ups = {}
+local ok, err = pcall(function()
+  ups[1] = helper.upstream.start{ api_key = false, workers = 1 }
+  sequential(ups[1])
+  ups[2] = helper.upstream.start{ api_key = false, workers = 2 }
+  print("request_many, 16 in flight, vs one by one (target: parallel >= 2x sequential)")
+  parallel(ups[1], "loopback, 1 worker, no delay", nil, N, WARMUP)
+  parallel(ups[2], "loopback, 2 workers, no delay", nil, N, WARMUP)
+  parallel(ups[1], "20 ms server latency", "fault=slow&delay=0.02", math.min(N, 160), 16)
+end)
+for _, up in ipairs(ups) do up:stop() end
+if not ok then
+  io.stderr:write("bench/curl.lua: ", tostring(err), "\n")
+  os.exit(1)
+end

@@ -1,0 +1,165 @@
+-- breaker.ratelimit: a client-side token bucket that can learn from the
+-- upstream's rate-limit headers, so the app slows down before the 429 arrives.
+--
+--   rate_limit = { rate = 500, per = "minute" }        -- 500 requests per minute
+--   rate_limit = { rate = 10, per = 1, burst = 5, max_wait = 2 }
+--   rate_limit = { learn = true }                      -- no own limit, only learn
+--
+-- rate/per: requests per period (`per` in seconds, or "second", "minute",
+-- "hour"; default 1 s). burst: bucket size (default `rate`). max_wait: how long
+-- a call may wait for a token (default 0: reject at once with kind
+-- "rate_limited", source "client", retry_after = seconds until a token).
+-- A waiting call reserves its token first, so concurrent waiters are spaced
+-- out at the rate instead of waking together.
+-- learn (default true): after each response
+--   x-ratelimit-remaining-requests: R   -> the bucket holds at most R tokens
+--   R == 0 with x-ratelimit-reset-requests: T ("1s", "6m0s", "20ms", or seconds)
+--     -> no request until T / x-ratelimit-limit-requests (one request's worth of
+--        the server's refill) or, without the limit header, until T
+-- and a 429 with a Retry-After pauses every call of the policy until then.
+-- The `-tokens` headers (LLM tokens, not requests) are not used. The bucket is
+-- per Lua VM (per nginx worker).
+
+local _M = { _VERSION = require "breaker.version" }
+local mt = { __index = _M }
+
+local retry = require "breaker.retry"
+local errors = require "breaker.error"
+local type, tonumber, setmetatable = type, tonumber, setmetatable
+local huge = math.huge
+local format, gmatch, find = string.format, string.gmatch, string.find
+local fail, check_keys, num = retry._fail, retry._check_keys, retry._num
+
+local KEYS = { rate = true, per = true, burst = true, max_wait = true, learn = true }
+local PERIODS = { second = 1, minute = 60, hour = 3600 }
+local UNITS = { h = 3600, m = 60, s = 1, ms = 1e-3, us = 1e-6, ["\194\181s"] = 1e-6, ns = 1e-9 }
+
+-- Seconds from a Go-style duration ("1s", "6m0s", "1h2m3.5s", "20ms") or a
+-- plain number of seconds; nil when the value is not understood.
+function _M.parse_duration(v)
+  if type(v) == "number" then return v >= 0 and v or nil end
+  if type(v) ~= "string" then return nil end
+  local n = tonumber(v)
+  if n then return n >= 0 and n or nil end
+  if not find(v, "^%s*[%d%.]") then return nil end
+  local total, consumed = 0, 0
+  for num_s, unit in gmatch(v, "([%d%.]+)([%a\194\181]+)") do
+    local x, u = tonumber(num_s), UNITS[unit]
+    if not x or not u then return nil end
+    total = total + x * u
+    consumed = consumed + #num_s + #unit
+  end
+  local trimmed = v:match("^%s*(.-)%s*$")
+  if consumed ~= #trimmed then return nil end
+  return total
+end
+
+-- Validates a rate_limit option and returns a limiter (nil for nil/false).
+function _M.new(opt, where)
+  where = where or "rate_limit"
+  if opt == nil or opt == false then return nil end
+  if type(opt) ~= "table" then fail(where, "(value)", "a table", opt) end
+  check_keys(opt, where, KEYS)
+  local per = opt.per
+  if per == nil then per = 1
+  elseif type(per) == "string" then
+    if not PERIODS[per] then fail(where, "per", "seconds or \"second\", \"minute\", \"hour\"", per) end
+    per = PERIODS[per]
+  else
+    per = num(opt, where, "per", 1, 0, true)
+  end
+  local rate = num(opt, where, "rate", nil, 0, true)
+  local learn = opt.learn
+  if learn ~= nil and type(learn) ~= "boolean" then fail(where, "learn", "a boolean", learn) end
+  if rate == nil and learn == false then fail(where, "rate", "a number > 0 (or learn = true)", nil) end
+  local rps = rate and rate / per or huge
+  local burst = num(opt, where, "burst", rate or huge, 1)
+  return setmetatable({
+    rps = rps, burst = burst,
+    max_wait = num(opt, where, "max_wait", 0, 0),
+    learn_headers = learn ~= false,
+    tokens = burst, last = -huge,
+  }, mt)
+end
+
+local function refill(self, now)
+  local last = self.last
+  if now > last then
+    if self.rps == huge or last == -huge then
+      self.tokens = self.burst > self.tokens and self.burst or self.tokens
+    else
+      local t = self.tokens + (now - last) * self.rps
+      self.tokens = t < self.burst and t or self.burst
+    end
+    self.last = now
+  end
+end
+
+-- Seconds from `now` until a token is available (0 if one is).
+function _M.wait_time(self, now)
+  refill(self, now)
+  local ready = self.last
+  local tk = self.tokens
+  if tk < 1 then ready = ready + (1 - tk) / self.rps end
+  local w = ready - now
+  return w > 0 and w or 0
+end
+
+-- Takes a token at `now`: true, waited when one is free or becomes free within
+-- max_wait and before `deadline` (then sleeps until it does), else nil, err.
+function _M.acquire(self, now, deadline, sleep)
+  local w = _M.wait_time(self, now)
+  if w == 0 then
+    self.tokens = self.tokens - 1
+    return true, 0
+  end
+  if w > self.max_wait or (deadline and now + w > deadline) then
+    return nil, errors.new("rate_limited",
+      format("client-side rate limit: next request allowed in %.3fs", w),
+      { retry_after = w, source = "client" })
+  end
+  self.tokens = self.tokens - 1 -- reserve, then wait for it
+  sleep(w)
+  return true, w
+end
+
+-- No request is admitted before `until_t` (e.g. a 429's Retry-After); calls
+-- resume at the rate afterwards instead of as a burst.
+function _M.pause(self, until_t, now)
+  refill(self, now)
+  if until_t > self.last then
+    self.last = until_t
+    if self.tokens > 1 then self.tokens = 1 end
+  end
+end
+
+local function hdr(h, name)
+  local v = h[name]
+  if type(v) == "table" then v = v[1] end
+  return v
+end
+
+-- Learns from a response's rate-limit headers at time `now` (see the top).
+function _M.learn(self, headers, now)
+  if not self.learn_headers or type(headers) ~= "table" then return end
+  local r = tonumber(hdr(headers, "x-ratelimit-remaining-requests"))
+  if not r then return end
+  refill(self, now)
+  if self.tokens > r then self.tokens = r end
+  if r < 1 then
+    local t = _M.parse_duration(hdr(headers, "x-ratelimit-reset-requests"))
+    if t then
+      local l = tonumber(hdr(headers, "x-ratelimit-limit-requests"))
+      if l and l >= 1 then t = t / l end
+      _M.pause(self, now + t, now)
+    end
+  end
+end
+
+-- Tokens available at `now` (may be negative while callers wait).
+function _M.available(self, now)
+  refill(self, now)
+  return self.tokens
+end
+
+return _M
