@@ -25,8 +25,8 @@ DESTDIR ?=
 LUA_LIBDIR ?= $(PREFIX)/lib/lua/5.1
 LUA_SHAREDIR ?= $(PREFIX)/share/lua/5.1
 
-CORE_SRC = src/breaker.c src/lbreaker.c
-CORE_HDR = src/breaker.h src/compat.h
+CORE_SRC = src/breaker.c src/shm.c src/lbreaker.c
+CORE_HDR = src/breaker.h src/shm.h src/compat.h
 CURL_SRC = src/http.c src/lhttp.c
 CURL_HDR = src/http.h src/compat.h
 
@@ -40,7 +40,7 @@ build: $(BUILD)/breaker/core.so $(BUILD)/breaker/curl.so
 
 $(BUILD)/breaker/core.so: $(CORE_SRC) $(CORE_HDR) lua/breaker/version.lua
 	@mkdir -p $(@D)
-	$(CC) $(ALL_CFLAGS) -shared -o $@ $(CORE_SRC) $(LDFLAGS) -lm -lrt
+	$(CC) $(ALL_CFLAGS) -shared -o $@ $(CORE_SRC) $(LDFLAGS) -lpthread -lm -lrt
 
 $(BUILD)/breaker/curl.so: $(CURL_SRC) $(CURL_HDR) lua/breaker/version.lua
 	@mkdir -p $(@D)

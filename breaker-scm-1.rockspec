@@ -29,9 +29,9 @@ build = {
    type = "builtin",
    modules = {
       ["breaker.core"] = {
-         sources = { "src/breaker.c", "src/lbreaker.c" },
+         sources = { "src/breaker.c", "src/shm.c", "src/lbreaker.c" },
          defines = { "BREAKER_VERSION=\"0.1.0\"", "_GNU_SOURCE" },
-         libraries = { "m", "rt" },
+         libraries = { "pthread", "m", "rt" },
          incdirs = { "src" },
       },
       ["breaker.curl"] = {
@@ -50,5 +50,6 @@ build = {
       ["breaker.bulkhead"] = "lua/breaker/bulkhead.lua",
       ["breaker.ratelimit"] = "lua/breaker/ratelimit.lua",
       ["breaker.policy"] = "lua/breaker/policy.lua",
+      ["breaker.shared"] = "lua/breaker/shared.lua",
    },
 }

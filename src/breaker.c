@@ -9,11 +9,16 @@
 
 #include <errno.h>
 #include <math.h>
+#include <pthread.h>
+#include <sched.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #define BRK_MAGIC 0x42524b31u /* "BRK1" */
+#define BRK_F_SHARED 0x1u
 #define NS 1000000000.0
 
 /* Count-window slot: one byte per outcome. */
@@ -45,6 +50,8 @@ struct brk {
 
 	uint32_t magic;
 	uint32_t size;                  /* bytes of the whole block */
+	uint32_t lock;                  /* shared blocks: pid of the holder, 0 = free */
+	uint32_t flags;                 /* BRK_F_SHARED */
 	brk_config cfg;
 
 	int64_t state_since;            /* ns */
@@ -602,7 +609,7 @@ static double reject(brk_t *b, double wait, int64_t now)
 	return -(1.0 + wait);
 }
 
-double brk_allow(brk_t *b)
+static double allow_nl(brk_t *b)
 {
 	int64_t now;
 	switch (b->state) {
@@ -712,7 +719,7 @@ static void record_slow(brk_t *b, double permit, int outcome, double latency, do
 	}
 }
 
-void brk_record(brk_t *b, double permit, int outcome, double latency, double retry_after)
+static void record_nl(brk_t *b, double permit, int outcome, double latency, double retry_after)
 {
 	/* Fast path, the common case: a fast success under a current closed
 	 * permit with a count window. It is kept small (no saved registers) and
@@ -753,13 +760,13 @@ int brk_state(const brk_t *b)
  * Operator calls
  * ====================================================================== */
 
-void brk_force_open(brk_t *b)
+static void force_open_nl(brk_t *b)
 {
 	if (b->state != BRK_FORCED_OPEN)
 		transition(b, BRK_FORCED_OPEN, BRK_R_FORCED_OPEN, now_coarse_ns());
 }
 
-void brk_disable(brk_t *b)
+static void disable_nl(brk_t *b)
 {
 	if (b->state != BRK_DISABLED) {
 		int64_t now = now_coarse_ns();
@@ -769,7 +776,7 @@ void brk_disable(brk_t *b)
 	}
 }
 
-void brk_reset(brk_t *b)
+static void reset_nl(brk_t *b)
 {
 	go_closed(b, BRK_R_RESET, now_coarse_ns());
 }
@@ -778,7 +785,7 @@ void brk_reset(brk_t *b)
  * Inspection
  * ====================================================================== */
 
-void brk_get_stats(brk_t *b, brk_stats *st)
+static void stats_nl(brk_t *b, brk_stats *st)
 {
 	int64_t now = now_coarse_ns();
 	const brk_config *c = &b->cfg;
@@ -823,7 +830,7 @@ void brk_get_stats(brk_t *b, brk_stats *st)
 	st->memory = b->size;
 }
 
-int brk_transitions(const brk_t *b, uint32_t since, brk_transition *out, int max)
+static int transitions_nl(const brk_t *b, uint32_t since, brk_transition *out, int max)
 {
 	uint32_t n = b->log_next < BRK_LOG_SIZE ? b->log_next : BRK_LOG_SIZE;
 	uint32_t i;
@@ -834,6 +841,143 @@ int brk_transitions(const brk_t *b, uint32_t since, brk_transition *out, int max
 			out[k++] = *t;
 	}
 	return k;
+}
+
+
+/* ======================================================================
+ * Locking of shared blocks
+ *
+ * A breaker in a shared region is updated by several processes. Its lock
+ * is a word holding the holder's pid: critical sections are a few dozen
+ * instructions and never block, so waiters spin, then yield; a waiter that
+ * has waited long checks whether the holder still lives and takes the lock
+ * over from a dead one (a worker killed inside a critical section must not
+ * wedge every other worker). Private breakers take no lock at all.
+ * ====================================================================== */
+
+static pid_t cached_pid;
+static pthread_once_t pid_once = PTHREAD_ONCE_INIT;
+
+static void pid_after_fork(void)
+{
+	cached_pid = getpid();
+}
+
+static void pid_init(void)
+{
+	cached_pid = getpid();
+	pthread_atfork(NULL, NULL, pid_after_fork);
+}
+
+static uint32_t self_pid(void)
+{
+	pthread_once(&pid_once, pid_init);
+	return (uint32_t)cached_pid;
+}
+
+void brk_lock_word(uint32_t *word)
+{
+	uint32_t me = self_pid();
+	unsigned spins = 0;
+	for (;;) {
+		uint32_t holder = 0;
+		if (__atomic_compare_exchange_n(word, &holder, me, 0, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
+			return;
+		if (++spins < 2000) {
+#if defined(__x86_64__) || defined(__i386__)
+			__builtin_ia32_pause();
+#endif
+			continue;
+		}
+		spins = 0;
+		if (holder != me && kill((pid_t)holder, 0) != 0 && errno == ESRCH &&
+		    __atomic_compare_exchange_n(word, &holder, me, 0, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
+			return; /* the holder died inside its critical section */
+		sched_yield();
+	}
+}
+
+void brk_unlock_word(uint32_t *word)
+{
+	__atomic_store_n(word, 0, __ATOMIC_RELEASE);
+}
+
+#define LOCKED(b) ((b)->flags & BRK_F_SHARED)
+#define LOCK(b) do { if (LOCKED(b)) brk_lock_word(&(b)->lock); } while (0)
+#define UNLOCK(b) do { if (LOCKED(b)) brk_unlock_word(&(b)->lock); } while (0)
+
+double brk_allow(brk_t *b)
+{
+	double r;
+	if (!LOCKED(b))
+		return allow_nl(b);
+	brk_lock_word(&b->lock);
+	r = allow_nl(b);
+	brk_unlock_word(&b->lock);
+	return r;
+}
+
+void brk_record(brk_t *b, double permit, int outcome, double latency, double retry_after)
+{
+	if (!LOCKED(b)) {
+		record_nl(b, permit, outcome, latency, retry_after);
+		return;
+	}
+	brk_lock_word(&b->lock);
+	record_nl(b, permit, outcome, latency, retry_after);
+	brk_unlock_word(&b->lock);
+}
+
+void brk_force_open(brk_t *b)
+{
+	LOCK(b);
+	force_open_nl(b);
+	UNLOCK(b);
+}
+
+void brk_disable(brk_t *b)
+{
+	LOCK(b);
+	disable_nl(b);
+	UNLOCK(b);
+}
+
+void brk_reset(brk_t *b)
+{
+	LOCK(b);
+	reset_nl(b);
+	UNLOCK(b);
+}
+
+void brk_get_stats(brk_t *b, brk_stats *st)
+{
+	LOCK(b);
+	stats_nl(b, st);
+	UNLOCK(b);
+}
+
+int brk_transitions(brk_t *b, uint32_t since, brk_transition *out, int max)
+{
+	int n;
+	LOCK(b);
+	n = transitions_nl(b, since, out, max);
+	UNLOCK(b);
+	return n;
+}
+
+void brk_set_shared(brk_t *b)
+{
+	b->flags |= BRK_F_SHARED;
+}
+
+int brk_is_shared(const brk_t *b)
+{
+	return LOCKED(b) != 0;
+}
+
+int brk_check_block(const brk_t *b, size_t avail)
+{
+	return b->magic == BRK_MAGIC && b->size <= avail && b->size == brk_size(&b->cfg);
 }
 
 static const char *const state_names[] = {

@@ -159,10 +159,25 @@ void brk_get_stats(brk_t *b, brk_stats *st);
 /* Copies the transitions with generation > since (oldest first) into out,
  * at most max of them; returns how many. Older ones may have been
  * overwritten: the log keeps BRK_LOG_SIZE entries. */
-int brk_transitions(const brk_t *b, uint32_t since, brk_transition *out, int max);
+int brk_transitions(brk_t *b, uint32_t since, brk_transition *out, int max);
 
 const char *brk_state_name(int state);
 const char *brk_reason_name(int reason);
+
+/* ---- shared blocks (used by shm.c) -------------------------------------- */
+
+/* Marks a block as shared between processes: from then on every call takes
+ * its lock. */
+void brk_set_shared(brk_t *b);
+int brk_is_shared(const brk_t *b);
+
+/* 1 if the memory at b holds an initialised breaker of at most avail bytes. */
+int brk_check_block(const brk_t *b, size_t avail);
+
+/* The cross-process lock used for shared blocks and region headers: a word
+ * holding the holder's pid; a dead holder's lock is taken over. */
+void brk_lock_word(uint32_t *word);
+void brk_unlock_word(uint32_t *word);
 
 /* ---- clock ------------------------------------------------------------- */
 

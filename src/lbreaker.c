@@ -10,18 +10,27 @@
 
 #include "breaker.h"
 #include "compat.h"
+#include "shm.h"
 
 #ifndef BREAKER_VERSION
 #error "BREAKER_VERSION must be defined (the Makefile feeds it from lua/breaker/version.lua)"
 #endif
 
 #define BREAKER_MT "breaker.core"
+#define REGION_MT "breaker.region"
 
-/* The userdata: a pointer to the breaker block, which it owns. NULL once
- * closed. */
+/* The userdata: a pointer to the breaker block. NULL once closed. */
 typedef struct lbrk {
-	brk_t *b; /* owned: freed by close/__gc */
+	brk_t *b;  /* owned (freed by close/__gc) unless it lives in a region */
+	int owned; /* 0: the block is a region slot; the region's userdata is
+		    * anchored in this userdata's environment table */
 } lbrk;
+
+/* A region handle. Regions are never unmapped (see shm.h), so there is
+ * nothing to free. */
+typedef struct lregion {
+	brk_region *r; /* not owned: kept by shm.c until the process exits */
+} lregion;
 
 /* ======================================================================
  * Argument checks
@@ -66,10 +75,10 @@ static void config_error(lua_State *L, const char *key, const char *expected, in
 		   key, expected, luaL_typename(L, vidx));
 }
 
-/* Reads number field `key` of the table at 1 into *out when present. */
-static void opt_number(lua_State *L, const char *key, double *out)
+/* Reads number field `key` of the table at idx into *out when present. */
+static void opt_number(lua_State *L, int idx, const char *key, double *out)
 {
-	lua_getfield(L, 1, key);
+	lua_getfield(L, idx, key);
 	if (!lua_isnil(L, -1)) {
 		if (lua_type(L, -1) != LUA_TNUMBER)
 			config_error(L, key, "a number", -1);
@@ -81,9 +90,9 @@ static void opt_number(lua_State *L, const char *key, double *out)
 }
 
 /* Like opt_number, but `false` turns the rule off (stored as -1). */
-static void opt_rate(lua_State *L, const char *key, double *out)
+static void opt_rate(lua_State *L, int idx, const char *key, double *out)
 {
-	lua_getfield(L, 1, key);
+	lua_getfield(L, idx, key);
 	if (lua_type(L, -1) == LUA_TBOOLEAN && !lua_toboolean(L, -1))
 		*out = -1;
 	else if (!lua_isnil(L, -1)) {
@@ -97,9 +106,9 @@ static void opt_rate(lua_State *L, const char *key, double *out)
 	lua_pop(L, 1);
 }
 
-static void opt_count(lua_State *L, const char *key, uint32_t *out, int allow_false)
+static void opt_count(lua_State *L, int idx, const char *key, uint32_t *out, int allow_false)
 {
-	lua_getfield(L, 1, key);
+	lua_getfield(L, idx, key);
 	if (allow_false && lua_type(L, -1) == LUA_TBOOLEAN && !lua_toboolean(L, -1))
 		*out = 0;
 	else if (!lua_isnil(L, -1)) {
@@ -115,17 +124,17 @@ static void opt_count(lua_State *L, const char *key, uint32_t *out, int allow_fa
 	lua_pop(L, 1);
 }
 
-static void read_config(lua_State *L, brk_config *cfg)
+static void read_config(lua_State *L, int idx, brk_config *cfg)
 {
 	const char *msg;
 	brk_config_default(cfg);
-	if (lua_isnoneornil(L, 1))
+	if (lua_isnoneornil(L, idx))
 		return;
-	luaL_checktype(L, 1, LUA_TTABLE);
+	luaL_checktype(L, idx, LUA_TTABLE);
 
 	/* Unknown keys are mistakes: name them. */
 	lua_pushnil(L);
-	while (lua_next(L, 1) != 0) {
+	while (lua_next(L, idx) != 0) {
 		int i, known = 0;
 		if (lua_type(L, -2) == LUA_TSTRING) {
 			const char *k = lua_tostring(L, -2);
@@ -141,7 +150,7 @@ static void read_config(lua_State *L, brk_config *cfg)
 		lua_pop(L, 1);
 	}
 
-	lua_getfield(L, 1, "window_type");
+	lua_getfield(L, idx, "window_type");
 	if (!lua_isnil(L, -1)) {
 		const char *w = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : NULL;
 		if (w && strcmp(w, "count") == 0)
@@ -155,33 +164,33 @@ static void read_config(lua_State *L, brk_config *cfg)
 			cfg->window_size = 60;
 	}
 	lua_pop(L, 1);
-	opt_count(L, "window_size", &cfg->window_size, 0);
-	opt_count(L, "window_buckets", &cfg->window_buckets, 0);
-	opt_count(L, "minimum_calls", &cfg->minimum_calls, 0);
+	opt_count(L, idx, "window_size", &cfg->window_size, 0);
+	opt_count(L, idx, "window_buckets", &cfg->window_buckets, 0);
+	opt_count(L, idx, "minimum_calls", &cfg->minimum_calls, 0);
 	if (cfg->window_type == BRK_WINDOW_COUNT && cfg->minimum_calls > cfg->window_size) {
 		/* The default minimum follows a small window down, not an explicit one. */
-		lua_getfield(L, 1, "minimum_calls");
+		lua_getfield(L, idx, "minimum_calls");
 		if (lua_isnil(L, -1))
 			cfg->minimum_calls = cfg->window_size;
 		lua_pop(L, 1);
 	}
-	opt_rate(L, "failure_rate_threshold", &cfg->failure_rate_threshold);
-	opt_rate(L, "slow_call_rate_threshold", &cfg->slow_call_rate_threshold);
-	opt_number(L, "slow_call_duration", &cfg->slow_call_duration);
-	opt_count(L, "consecutive_failures", &cfg->consecutive_failures, 1);
-	opt_count(L, "half_open_calls", &cfg->half_open_calls, 0);
-	opt_number(L, "open_duration", &cfg->open_duration);
-	opt_number(L, "open_duration_factor", &cfg->open_duration_factor);
-	opt_number(L, "open_duration_max", &cfg->open_duration_max);
+	opt_rate(L, idx, "failure_rate_threshold", &cfg->failure_rate_threshold);
+	opt_rate(L, idx, "slow_call_rate_threshold", &cfg->slow_call_rate_threshold);
+	opt_number(L, idx, "slow_call_duration", &cfg->slow_call_duration);
+	opt_count(L, idx, "consecutive_failures", &cfg->consecutive_failures, 1);
+	opt_count(L, idx, "half_open_calls", &cfg->half_open_calls, 0);
+	opt_number(L, idx, "open_duration", &cfg->open_duration);
+	opt_number(L, idx, "open_duration_factor", &cfg->open_duration_factor);
+	opt_number(L, idx, "open_duration_max", &cfg->open_duration_max);
 	{
 		/* The cap follows a long open_duration up unless given. */
-		lua_getfield(L, 1, "open_duration_max");
+		lua_getfield(L, idx, "open_duration_max");
 		if (lua_isnil(L, -1) && cfg->open_duration_max < cfg->open_duration)
 			cfg->open_duration_max = cfg->open_duration;
 		lua_pop(L, 1);
 	}
-	opt_number(L, "open_duration_jitter", &cfg->open_duration_jitter);
-	opt_number(L, "probe_timeout", &cfg->probe_timeout);
+	opt_number(L, idx, "open_duration_jitter", &cfg->open_duration_jitter);
+	opt_number(L, idx, "probe_timeout", &cfg->probe_timeout);
 
 	msg = brk_config_check(cfg);
 	if (msg)
@@ -226,9 +235,10 @@ static int l_new(lua_State *L)
 	const char *err = NULL;
 	lbrk *box;
 
-	read_config(L, &cfg);
+	read_config(L, 1, &cfg);
 	box = (lbrk *)lua_newuserdata(L, sizeof(*box));
 	box->b = NULL;
+	box->owned = 1;
 	luaL_getmetatable(L, BREAKER_MT);
 	lua_setmetatable(L, -2);
 	box->b = brk_new(&cfg, &err);
@@ -241,7 +251,7 @@ static int l_new(lua_State *L)
 static int l_validate(lua_State *L)
 {
 	brk_config cfg;
-	read_config(L, &cfg);
+	read_config(L, 1, &cfg);
 	push_config(L, &cfg);
 	return 1;
 }
@@ -445,10 +455,17 @@ static int m_close(lua_State *L)
 {
 	lbrk *box = check_box(L, 1);
 	if (box->b) {
-		brk_free(box->b);
-		box->b = NULL;
+		if (box->owned)
+			brk_free(box->b);
+		box->b = NULL; /* a region slot stays for the other processes */
 	}
 	return 0;
+}
+
+static int m_shared(lua_State *L)
+{
+	lua_pushboolean(L, brk_is_shared(check_breaker(L, 1)));
+	return 1;
 }
 
 static int m_tostring(lua_State *L)
@@ -462,6 +479,173 @@ static int m_tostring(lua_State *L)
 	return 1;
 }
 
+
+/* ======================================================================
+ * Shared regions
+ * ====================================================================== */
+
+static brk_region *check_region(lua_State *L, int idx)
+{
+	return ((lregion *)luaL_checkudata(L, idx, REGION_MT))->r;
+}
+
+static void read_region_opts(lua_State *L, int idx, brk_region_opts *o)
+{
+	brk_region_opts_default(o);
+	if (lua_isnoneornil(L, idx))
+		return;
+	luaL_checktype(L, idx, LUA_TTABLE);
+	lua_pushnil(L);
+	while (lua_next(L, idx) != 0) {
+		const char *k = lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : "?";
+		if (strcmp(k, "capacity") && strcmp(k, "max_window") && strcmp(k, "max_buckets") &&
+		    strcmp(k, "name"))
+			luaL_error(L, "shared region: unknown option '%s'", k);
+		lua_pop(L, 1);
+	}
+	opt_count(L, idx, "capacity", &o->capacity, 0);
+	opt_count(L, idx, "max_window", &o->max_window, 0);
+	opt_count(L, idx, "max_buckets", &o->max_buckets, 0);
+}
+
+static void push_region(lua_State *L, brk_region *r)
+{
+	lregion *box = (lregion *)lua_newuserdata(L, sizeof(*box));
+	box->r = r;
+	luaL_getmetatable(L, REGION_MT);
+	lua_setmetatable(L, -2);
+}
+
+/* core.region_anon(key, opts) -> region: the anonymous region of `key`,
+ * made now or found again (a reload runs init_by_lua anew). Make it before
+ * fork for the children to share it. */
+static int l_region_anon(lua_State *L)
+{
+	const char *key = luaL_checkstring(L, 1);
+	brk_region_opts o;
+	const char *err = NULL;
+	brk_region *r;
+	read_region_opts(L, 2, &o);
+	r = brk_region_anon(key, &o, &err);
+	if (!r)
+		return luaL_error(L, "shared region: %s", err);
+	push_region(L, r);
+	return 1;
+}
+
+/* core.region_named(name, opts) -> region, created: joins or makes the
+ * named region. */
+static int l_region_named(lua_State *L)
+{
+	const char *name = luaL_checkstring(L, 1);
+	brk_region_opts o;
+	const char *err = NULL;
+	int created = 0;
+	brk_region *r;
+	read_region_opts(L, 2, &o);
+	r = brk_region_named(name, &o, &created, &err);
+	if (!r) {
+		lua_pushnil(L);
+		lua_pushfstring(L, "shared region '%s': %s", name, err);
+		return 2;
+	}
+	push_region(L, r);
+	lua_pushboolean(L, created);
+	return 2;
+}
+
+/* core.region_unlink(name) -> true | nil, err */
+static int l_region_unlink(lua_State *L)
+{
+	const char *name = luaL_checkstring(L, 1);
+	if (brk_region_unlink(name) != 0) {
+		lua_pushnil(L);
+		lua_pushfstring(L, "cannot unlink shared region '%s'", name);
+		return 2;
+	}
+	lua_pushboolean(L, 1);
+	return 1;
+}
+
+/* region:breaker(name, config) -> breaker userdata, created. Raises on a
+ * bad config, a name too long for a slot, a config that differs from the
+ * one the breaker was made with, or a full region. */
+static int r_breaker(lua_State *L)
+{
+	brk_region *r = check_region(L, 1);
+	const char *name = luaL_checkstring(L, 2);
+	brk_config cfg;
+	char errbuf[256];
+	int created = 0;
+	lbrk *box;
+	brk_t *b;
+
+	read_config(L, 3, &cfg);
+	b = brk_region_breaker(r, name, &cfg, &created, errbuf, sizeof(errbuf));
+	if (!b)
+		return luaL_error(L, "shared breaker: %s", errbuf);
+	box = (lbrk *)lua_newuserdata(L, sizeof(*box));
+	box->b = b;
+	box->owned = 0;
+	luaL_getmetatable(L, BREAKER_MT);
+	lua_setmetatable(L, -2);
+	/* Anchor the region: the environment table keeps its userdata alive. */
+	lua_createtable(L, 1, 0);
+	lua_pushvalue(L, 1);
+	lua_rawseti(L, -2, 1);
+	lua_setfenv(L, -2);
+	lua_pushboolean(L, created);
+	return 2;
+}
+
+/* region:names() -> list of the breaker names in the region. */
+static int r_names(lua_State *L)
+{
+	brk_region *r = check_region(L, 1);
+	uint32_t i, cap = brk_region_capacity(r);
+	int n = 0;
+	lua_newtable(L);
+	for (i = 0; i < cap; i++) {
+		const char *name = brk_region_slot_name(r, i, NULL);
+		if (name) {
+			lua_pushstring(L, name);
+			lua_rawseti(L, -2, ++n);
+		}
+	}
+	return 1;
+}
+
+/* region:info() -> { name, named, capacity, used, bytes, slot_bytes } */
+static int r_info(lua_State *L)
+{
+	brk_region *r = check_region(L, 1);
+	lua_createtable(L, 0, 6);
+	lua_pushstring(L, brk_region_name(r));
+	lua_setfield(L, -2, "name");
+	lua_pushboolean(L, brk_region_is_named(r));
+	lua_setfield(L, -2, "named");
+	SETN("capacity", brk_region_capacity(r));
+	SETN("used", brk_region_used(r));
+	SETN("bytes", brk_region_bytes(r));
+	SETN("slot_bytes", brk_region_slot_bytes(r));
+	return 1;
+}
+
+static int r_tostring(lua_State *L)
+{
+	brk_region *r = check_region(L, 1);
+	lua_pushfstring(L, "breaker.region '%s' (%d/%d)", brk_region_name(r),
+			(int)brk_region_used(r), (int)brk_region_capacity(r));
+	return 1;
+}
+
+static const luaL_Reg region_methods[] = {
+	{ "breaker", r_breaker },
+	{ "names", r_names },
+	{ "info", r_info },
+	{ NULL, NULL }
+};
+
 static const luaL_Reg methods[] = {
 	{ "allow", m_allow },
 	{ "record", m_record },
@@ -474,6 +658,7 @@ static const luaL_Reg methods[] = {
 	{ "stats", m_stats },
 	{ "transitions", m_transitions },
 	{ "pointer", m_pointer },
+	{ "shared", m_shared },
 	{ "close", m_close },
 	{ NULL, NULL }
 };
@@ -487,6 +672,9 @@ static const luaL_Reg functions[] = {
 	{ "clock_set", l_clock_set },
 	{ "clock_frozen", l_clock_frozen },
 	{ "sleep", l_sleep },
+	{ "region_anon", l_region_anon },
+	{ "region_named", l_region_named },
+	{ "region_unlink", l_region_unlink },
 	{ NULL, NULL }
 };
 
@@ -505,6 +693,14 @@ int luaopen_breaker_core(lua_State *L)
 		lua_setfield(L, -2, "__tostring");
 		lua_pushliteral(L, BREAKER_MT);
 		lua_setfield(L, -2, "__name");
+	}
+	lua_pop(L, 1);
+	if (luaL_newmetatable(L, REGION_MT)) {
+		lua_newtable(L);
+		luaL_setfuncs(L, region_methods, 0);
+		lua_setfield(L, -2, "__index");
+		lua_pushcfunction(L, r_tostring);
+		lua_setfield(L, -2, "__tostring");
 	}
 	lua_pop(L, 1);
 

@@ -328,9 +328,14 @@ end
 -- Lua-side config keys; the rest is validated by the C binding.
 local LUA_KEYS = { on_state_change = "function" }
 
--- breaker.new(name, config) -> breaker. Raises on a bad name or config
--- (naming the key), or if a breaker of that name exists.
-function _M.new(name, config)
+local shared_mod
+
+-- breaker.new(name, config [, opts]) -> breaker. Raises on a bad name or
+-- config (naming the key), or if this process has a breaker of that name.
+-- opts.shared = region (breaker.shared) puts the breaker in shared memory:
+-- every process using the region and the name sees one state; a second
+-- process joining with a different config gets an error naming the key.
+function _M.new(name, config, opts)
   if type(name) ~= "string" or name == "" then
     error("breaker.new: expected a non-empty name string as #1", 2)
   end
@@ -352,7 +357,26 @@ function _M.new(name, config)
       cfg[k] = v
     end
   end
-  local ok, ud = pcall(core.new, cfg)
+  local region
+  if opts ~= nil then
+    if type(opts) ~= "table" then error("breaker.new: expected an options table as #3", 2) end
+    for k in pairs(opts) do
+      if k ~= "shared" then error("breaker.new: unknown option '" .. tostring(k) .. "'", 2) end
+    end
+    region = opts.shared
+    if region ~= nil then
+      shared_mod = shared_mod or require "breaker.shared"
+      if not shared_mod.is_region(region) then
+        error("breaker.new: opts.shared must be a region from breaker.shared", 2)
+      end
+    end
+  end
+  local ok, ud
+  if region then
+    ok, ud = pcall(region._breaker, region, name, cfg)
+  else
+    ok, ud = pcall(core.new, cfg)
+  end
   if not ok then error(ud, 2) end
   local self = setmetatable({
     name = name,
@@ -360,6 +384,7 @@ function _M.new(name, config)
     _gen = ud:generation(),
     _on_change = extra.on_state_change,
     _msg = open_messages(name),
+    shared = region,
   }, mt)
   if ffi then
     self._p = ffi.cast("struct breaker_block *", ud:pointer())
