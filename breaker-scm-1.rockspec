@@ -51,5 +51,6 @@ build = {
       ["breaker.ratelimit"] = "lua/breaker/ratelimit.lua",
       ["breaker.policy"] = "lua/breaker/policy.lua",
       ["breaker.shared"] = "lua/breaker/shared.lua",
+      ["breaker.llm"] = "lua/breaker/llm.lua",
    },
 }

@@ -138,10 +138,15 @@ end
 
 -- True while the server's master process runs (a zombie counts as gone).
 function Upstream:alive()
-  local p = assert(io.popen(format("ps -o stat= -p %d 2>/dev/null", self.pid)))
-  local stat = p:read("*a")
-  p:close()
-  return stat:match("^%s*[^%sZ]") ~= nil
+  local f = io.open("/proc/" .. self.pid .. "/stat")
+  if not f then
+    local rc = os.execute(format("kill -0 %d 2>/dev/null", self.pid))
+    return rc == 0 or rc == true
+  end
+  local stat = f:read("*a") or ""
+  f:close()
+  local state = stat:match("%) (%a)")
+  return state ~= nil and state ~= "Z" and state ~= "X"
 end
 
 -- Clears counters, the scenario, the rate limit and the last request.
@@ -183,6 +188,223 @@ end
 -- The last API request received: { method, path, args, headers, body }.
 function Upstream:last_request()
   return control(self, "GET", "last_request")
+end
+
+---------------------------------------------------------------------------
+-- nginx apps (spec/ngx_spec.lua, bench/ngx.lua)
+---------------------------------------------------------------------------
+
+local Nginx = {}
+Nginx.__index = Nginx
+
+local nginx = {}
+helper.nginx = nginx
+
+-- Absolute path of the repository (the parent of the spec directory).
+function helper.repo_dir()
+  local p = assert(io.popen("cd " .. shell_quote(helper.spec_dir .. "/..") .. " && pwd"))
+  local dir = p:read("*l")
+  p:close()
+  return dir
+end
+
+-- Reads /proc/<pid>/stat: ppid and state letter, or nil when gone.
+local function proc_stat(pid)
+  local f = io.open("/proc/" .. pid .. "/stat")
+  if not f then return nil end
+  local stat = f:read("*a") or ""
+  f:close()
+  local state, ppid = stat:match("%) (%a) (%d+)")
+  if not state then return nil end
+  return tonumber(ppid), state
+end
+
+-- True while process `pid` runs (a zombie counts as gone).
+function helper.running(pid)
+  local _, state = proc_stat(pid)
+  return state ~= nil and state ~= "Z" and state ~= "X"
+end
+
+-- Pids of the running children of `pid`, sorted.
+function helper.children(pid)
+  local out = {}
+  local p = assert(io.popen("ls /proc"))
+  for d in p:lines() do
+    if d:match("^%d+$") then
+      local ppid, state = proc_stat(d)
+      if ppid == pid and state ~= "Z" and state ~= "X" then out[#out + 1] = tonumber(d) end
+    end
+  end
+  p:close()
+  table.sort(out)
+  return out
+end
+
+-- Waits until pred() is true, at most `timeout` seconds (polling every
+-- `step`, default 0.05); returns pred's last value.
+function helper.wait_for(timeout, pred, step)
+  local deadline = helper.now() + timeout
+  local v = pred()
+  while not v and helper.now() < deadline do
+    helper.sleep(step or 0.05)
+    v = pred()
+  end
+  return v
+end
+
+local function accepts(port)
+  local sock = require("socket").tcp()
+  sock:settimeout(0.2)
+  local ok = sock:connect("127.0.0.1", port)
+  sock:close()
+  return ok ~= nil
+end
+
+-- Starts nginx on a free port of 127.0.0.1 with the config render(port,
+-- prefix) returns, and returns it once the port accepts connections.
+-- opts: render (function, required), name (prefix directory name, default
+-- "ngx"), env (table of environment variables for nginx), workers (how many
+-- worker processes the config asks for; start waits for them). Everything
+-- nginx writes goes under spec/tmp/<name>-PORT/ (removed by stop). Raises
+-- when it cannot start.
+function nginx.start(opts)
+  assert(type(opts) == "table" and type(opts.render) == "function", "nginx.start: render is required")
+  local name = opts.name or "ngx"
+  assert(name:match("^[%w_-]+$"), "nginx.start: name may only hold letters, digits, _ -")
+  local env = {}
+  for k, v in pairs(opts.env or {}) do
+    assert(tostring(k):match("^[%a_][%w_]*$"), "nginx.start: bad environment variable name")
+    env[#env + 1] = k .. "=" .. shell_quote(v)
+  end
+  local last = ""
+  for _ = 1, 5 do -- a port found free can be taken before nginx binds it
+    local port = helper.free_port()
+    local prefix = helper.tmp_dir .. "/" .. name .. "-" .. port
+    local abs = helper.repo_dir() .. "/spec/tmp/" .. name .. "-" .. port
+    os.execute("rm -rf " .. shell_quote(prefix))
+    assert(os.execute("mkdir -p " .. shell_quote(prefix) .. "/conf " .. shell_quote(prefix) .. "/logs "
+                      .. shell_quote(prefix) .. "/tmp"))
+    local f = assert(io.open(prefix .. "/conf/nginx.conf", "w"))
+    f:write(opts.render(port, abs))
+    f:close()
+    -- A sanitizer preloaded into the specs' interpreter must not reach nginx.
+    local cmd = format("env -u LD_PRELOAD -u ASAN_OPTIONS -u UBSAN_OPTIONS %s nginx -p %s/ "
+                       .. "-c conf/nginx.conf -e logs/error.log -g 'daemon on;' 2>&1",
+                       concat(env, " "), shell_quote(abs))
+    local p = assert(io.popen(cmd))
+    local out = p:read("*a")
+    p:close()
+    local self = setmetatable({ port = port, prefix = abs, url = "http://127.0.0.1:" .. port,
+                                workers_wanted = opts.workers }, Nginx)
+    local pid = helper.wait_for(5, function() return self:read_pid() end)
+    if pid and helper.wait_for(5, function() return accepts(port) end) then
+      self.pid = pid
+      if opts.workers then
+        helper.wait_for(5, function() return #helper.children(pid) >= opts.workers end)
+      end
+      return self
+    end
+    if pid then self.pid = pid; self:stop(true) end
+    local lf = io.open(prefix .. "/logs/error.log")
+    last = out .. (lf and lf:read("*a") or "")
+    if lf then lf:close() end
+    os.execute("rm -rf " .. shell_quote(prefix))
+  end
+  error("nginx did not start: " .. last, 2)
+end
+
+-- The master's pid from the pid file, or nil.
+function Nginx:read_pid()
+  local f = io.open(self.prefix .. "/logs/nginx.pid")
+  if not f then return nil end
+  local pid = tonumber(f:read("*l") or "")
+  f:close()
+  return pid
+end
+
+-- Pids of the running worker processes.
+function Nginx:workers()
+  return helper.children(self.pid)
+end
+
+-- Sends HUP to the master and waits until every worker is a new one (the
+-- old ones gone) and as many as before run. Returns the new worker pids.
+function Nginx:reload()
+  local old = self:workers()
+  local was = {}
+  for _, p in ipairs(old) do was[p] = true end
+  assert(os.execute("kill -HUP " .. self.pid))
+  local ok = helper.wait_for(10, function()
+    local now = self:workers()
+    if #now < #old then return false end
+    for _, p in ipairs(now) do if was[p] then return false end end
+    return true
+  end)
+  if not ok then error("nginx did not replace its workers within 10 s after HUP", 2) end
+  return self:workers()
+end
+
+-- The error log's text.
+function Nginx:log()
+  local f = io.open(self.prefix .. "/logs/error.log")
+  if not f then return "" end
+  local s = f:read("*a")
+  f:close()
+  return s
+end
+
+-- One HTTP/1.1 request on a new connection: status, headers (lower-case
+-- names), body. Raises when no answer comes within `timeout` (default 10 s).
+function Nginx:request(method, path, headers, body, timeout)
+  local http, ltn12 = require "socket.http", require "ltn12"
+  local out = {}
+  local h = {}
+  for k, v in pairs(headers or {}) do h[k] = v end
+  if body then h["content-length"] = #body end
+  local ok, code, rh = http.request{
+    url = self.url .. path, method = method, headers = h,
+    source = body and ltn12.source.string(body) or nil,
+    sink = ltn12.sink.table(out),
+    create = function()
+      local sock = require("socket").tcp()
+      sock:settimeout(timeout or 10)
+      return sock
+    end,
+  }
+  if not ok then error(format("nginx %s %s failed: %s", method, path, tostring(code)), 2) end
+  return code, rh, concat(out)
+end
+
+-- GET `path` and decode the JSON answer (raises unless 200).
+function Nginx:json(path)
+  local code, _, body = self:request("GET", path)
+  if code ~= 200 then error(format("GET %s: %s %s", path, tostring(code), body), 2) end
+  return cjson.decode(body)
+end
+
+-- Stops nginx by its pid (TERM, then KILL of the master and its workers
+-- after 5 s) and removes the prefix directory unless BREAKER_KEEP_NGINX is
+-- set or `keep` is true. Idempotent.
+function Nginx:stop(keep)
+  if self.stopped then return end
+  self.stopped = true
+  local pid = self.pid
+  if pid and helper.running(pid) then
+    local workers = helper.children(pid)
+    os.execute("kill -TERM " .. pid .. " 2>/dev/null")
+    if not helper.wait_for(5, function() return not helper.running(pid) end) then
+      os.execute("kill -KILL " .. pid .. " " .. concat(workers, " ") .. " 2>/dev/null")
+      helper.wait_for(2, function() return not helper.running(pid) end)
+    end
+    -- Workers leave with the master; wait for any stragglers.
+    helper.wait_for(5, function()
+      for _, w in ipairs(workers) do if helper.running(w) then return false end end
+      return true
+    end)
+  end
+  if not keep and not os.getenv("BREAKER_KEEP_NGINX") and self.prefix:find("/spec/tmp/[%w_-]+%-%d+$") then
+    os.execute("rm -rf " .. shell_quote(self.prefix))
+  end
 end
 
 -- Encodes a fault table for the x-fake-fault request header.

@@ -89,6 +89,14 @@ local STATUS_ERRORS = {
 
 local function send_status_error(status, f)
   local e = STATUS_ERRORS[status]
+  if e and f.echo_key then
+    -- Like providers that quote the key they were given, but unmasked: for
+    -- specs that check a client scrubs it from its errors.
+    local h = ngx.req.get_headers()["authorization"]
+    if type(h) == "table" then h = h[1] end
+    local key = type(h) == "string" and h:match("^[Bb]earer%s+(.+)$") or "none"
+    return send_error(status, e[1] .. ": " .. key .. ".", e[2], e[3], nil, f)
+  end
   if e then return send_error(status, e[1], e[2], e[3], nil, f) end
   return send_error(status, "HTTP " .. status,
                     status >= 500 and "server_error" or "invalid_request_error", nil, nil, f)

@@ -11,6 +11,9 @@
 # the name localhost only, written to DIR/conf/cert.pem), NGINX (default nginx). Everything the server writes (config,
 # pid, logs, temp files) stays under DIR. See README.md.
 set -eu
+# A sanitizer preloaded into the specs' interpreter must not leak into nginx
+# or into ps and friends (ps deadlocks under a preloaded libasan).
+unset LD_PRELOAD ASAN_OPTIONS UBSAN_OPTIONS
 
 here=$(cd "$(dirname "$0")" && pwd)
 NGINX=${NGINX:-nginx}
@@ -75,10 +78,14 @@ start() {
 
 # True while process $1 exists and is not a zombie waiting to be reaped.
 running() {
-	local st
-	st=$(ps -o stat= -p "$1" 2>/dev/null) || return 1
-	case $st in Z*|'') return 1 ;; esac
-	return 0
+	local stat
+	if [ -r "/proc/$1/stat" ]; then
+		stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+		stat=${stat##*) }  # the state letter follows "pid (comm) "
+		case $stat in Z*|X*|'') return 1 ;; esac
+		return 0
+	fi
+	kill -0 "$1" 2>/dev/null
 }
 
 stop() {
