@@ -32,7 +32,7 @@ CURL_HDR = src/http.h src/compat.h
 
 TEST_ENV = LUA_PATH='lua/?.lua;lua/?/init.lua;spec/?.lua;;' LUA_CPATH='$(BUILD)/?.so;;'
 
-.PHONY: all build deps test lint specs smoke51 asan bench demo install clean
+.PHONY: all build deps test lint specs asan bench demo demo-core install clean
 
 all: build
 
@@ -70,7 +70,13 @@ asan: deps
 bench: deps build
 	$(TEST_ENV) $(LUAJIT) bench/run.lua
 
+# The main job: replays an LLM-provider incident against the fake upstream,
+# once without and once with breaker.llm's default policy.
 demo: deps build
+	$(TEST_ENV) $(LUAJIT) examples/demo.lua
+
+# A breaker tripping, rejecting, probing and closing, each transition printed.
+demo-core: build
 	$(TEST_ENV) $(LUAJIT) examples/trip.lua
 
 install: build
