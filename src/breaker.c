@@ -31,8 +31,9 @@
 #define PERMIT_PROBE 2
 #define PERMIT_DISABLED 3
 
-/* The histogram halves every bucket once it holds this many samples, so the
- * percentiles follow roughly the last HIST_DECAY calls. */
+/* The histogram halves every bucket once one bucket holds this many
+ * samples, so the percentiles follow recent calls (about the last 16-32
+ * thousand when latencies cluster) and a uint16 bucket never overflows. */
 #define HIST_DECAY 16384u
 /* Histogram unit: 8 microseconds. */
 #define HIST_UNITS_PER_SEC 125000.0
@@ -80,7 +81,6 @@ struct brk {
 	uint32_t log_next;              /* total entries ever written */
 	brk_transition log[BRK_LOG_SIZE];
 
-	uint32_t hist_total;
 	uint16_t hist[BRK_HIST_BUCKETS];
 
 	/* Window storage: uint8_t[window_size] or brk_bucket[window_buckets]. */
@@ -411,29 +411,34 @@ static void hist_bounds(int idx, double *lo, double *hi)
 static __attribute__((noinline, cold)) void hist_decay(brk_t *b)
 {
 	int i;
-	uint32_t t = 0;
-	for (i = 0; i < BRK_HIST_BUCKETS; i++) {
+	for (i = 0; i < BRK_HIST_BUCKETS; i++)
 		b->hist[i] = (uint16_t)(b->hist[i] / 2);
-		t += b->hist[i];
-	}
-	b->hist_total = t;
 }
 
 static inline void hist_add(brk_t *b, double latency)
 {
 	int i = hist_index(latency);
-	b->hist[i]++;
-	if (++b->hist_total >= HIST_DECAY)
+	if (++b->hist[i] >= HIST_DECAY)
 		hist_decay(b);
+}
+
+static uint32_t hist_total(const brk_t *b)
+{
+	uint32_t t = 0;
+	int i;
+	for (i = 0; i < BRK_HIST_BUCKETS; i++)
+		t += b->hist[i];
+	return t;
 }
 
 static double hist_quantile(const brk_t *b, double q)
 {
 	double target, seen = 0;
+	uint32_t total = hist_total(b);
 	int i;
-	if (b->hist_total == 0)
+	if (total == 0)
 		return -1;
-	target = q * b->hist_total;
+	target = q * total;
 	for (i = 0; i < BRK_HIST_BUCKETS; i++) {
 		double c = b->hist[i];
 		if (c > 0 && seen + c >= target) {
@@ -722,27 +727,38 @@ static void record_slow(brk_t *b, double permit, int outcome, double latency, do
 static void record_nl(brk_t *b, double permit, int outcome, double latency, double retry_after)
 {
 	/* Fast path, the common case: a fast success under a current closed
-	 * permit with a count window. It is kept small (no saved registers) and
-	 * branch-free in the window update; a success cannot trip a rule
-	 * unless it brings the window up to minimum_calls. */
+	 * permit. It is kept small (no saved registers), the count-window
+	 * update is branch-free, and no rule is checked: a fast success cannot
+	 * raise a rate unless it brings the window up to minimum_calls (or old
+	 * time buckets expire, which the fast path leaves to record_slow). */
 	if (permit > 0 && permit < 9007199254740992.0 &&
 	    (uint32_t)((int64_t)permit >> 2) == b->gen &&
-	    (b->state | outcome | b->cfg.window_type) == 0 &&
+	    (b->state | outcome) == 0 &&
 	    latency >= 0 && latency < b->cfg.slow_call_duration &&
 	    b->w_calls != b->cfg.minimum_calls - 1) {
-		uint32_t pos = b->pos;
-		uint8_t old = b->window[pos];
-		b->window[pos] = SLOT_USED;
-		b->w_calls += (uint32_t)(~old & SLOT_USED);
-		b->w_failures -= (uint32_t)((old >> 1) & 1);
-		b->w_slow -= (uint32_t)((old >> 2) & 1);
-		pos++;
-		b->pos = pos == b->cfg.window_size ? 0 : pos;
+		if (b->cfg.window_type == BRK_WINDOW_COUNT) {
+			uint32_t pos = b->pos;
+			uint8_t old = b->window[pos];
+			b->window[pos] = SLOT_USED;
+			b->w_calls += (uint32_t)(~old & SLOT_USED);
+			b->w_failures -= (uint32_t)((old >> 1) & 1);
+			b->w_slow -= (uint32_t)((old >> 2) & 1);
+			pos++;
+			b->pos = pos == b->cfg.window_size ? 0 : pos;
+		} else {
+			/* Time window: only while the head bucket is current, so
+			 * no bucket expires here. */
+			if (now_coarse_ns() >= b->head_end)
+				goto slow;
+			buckets(b)[b->head_slot].calls++;
+			b->w_calls++;
+		}
 		b->consec_failures = 0;
 		b->total_calls++;
 		hist_add(b, latency);
 		return;
 	}
+slow:
 	record_slow(b, permit, outcome, latency, retry_after);
 }
 
@@ -826,7 +842,7 @@ static void stats_nl(brk_t *b, brk_stats *st)
 	st->p50 = hist_quantile(b, 0.50);
 	st->p90 = hist_quantile(b, 0.90);
 	st->p99 = hist_quantile(b, 0.99);
-	st->latency_samples = b->hist_total;
+	st->latency_samples = hist_total(b);
 	st->memory = b->size;
 }
 
