@@ -32,7 +32,7 @@ CURL_HDR = src/http.h src/compat.h
 
 TEST_ENV = LUA_PATH='lua/?.lua;lua/?/init.lua;spec/?.lua;;' LUA_CPATH='$(BUILD)/?.so;;'
 
-.PHONY: all build deps test lint specs asan bench demo demo-core install clean
+.PHONY: all build deps test lint specs asan valgrind bench demo demo-core install clean
 
 all: build
 
@@ -40,7 +40,7 @@ build: $(BUILD)/breaker/core.so $(BUILD)/breaker/curl.so
 
 $(BUILD)/breaker/core.so: $(CORE_SRC) $(CORE_HDR) lua/breaker/version.lua
 	@mkdir -p $(@D)
-	$(CC) $(ALL_CFLAGS) -shared -o $@ $(CORE_SRC) $(LDFLAGS) -lpthread -lm -lrt
+	$(CC) $(ALL_CFLAGS) -shared -o $@ $(CORE_SRC) $(LDFLAGS) -lpthread -lm -lrt -ldl
 
 $(BUILD)/breaker/curl.so: $(CURL_SRC) $(CURL_HDR) lua/breaker/version.lua
 	@mkdir -p $(@D)
@@ -66,6 +66,11 @@ asan: deps
 	LD_PRELOAD="$$($(CC) -print-file-name=libasan.so) $$($(CC) -print-file-name=libubsan.so)" \
 	LUA_PATH='lua/?.lua;lua/?/init.lua;spec/?.lua;;' LUA_CPATH='build-asan/?.so;;' \
 	tools/run-specs.sh $(LUAJIT) $(LUA51) $(BUSTED)
+
+# The C core under valgrind's memcheck: no definite leaks, no errors.
+valgrind: deps build
+	$(TEST_ENV) valgrind -q --leak-check=full --errors-for-leak-kinds=definite \
+	    --error-exitcode=9 $(LUAJIT) tools/valgrind-core.lua
 
 bench: deps build
 	$(TEST_ENV) $(LUAJIT) bench/run.lua

@@ -31,7 +31,7 @@ build = {
       ["breaker.core"] = {
          sources = { "src/breaker.c", "src/shm.c", "src/lbreaker.c" },
          defines = { "BREAKER_VERSION=\"0.1.0\"", "_GNU_SOURCE" },
-         libraries = { "pthread", "m", "rt" },
+         libraries = { "pthread", "m", "rt", "dl" },
          incdirs = { "src" },
       },
       ["breaker.curl"] = {

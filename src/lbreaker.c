@@ -5,6 +5,7 @@
  * LuaJIT (creation, stats, operator calls); LuaJIT's FFI calls brk_allow and
  * brk_record directly (lua/breaker/init.lua).
  */
+#include <dlfcn.h>
 #include <math.h>
 #include <string.h>
 
@@ -680,9 +681,21 @@ static const luaL_Reg functions[] = {
 
 int luaopen_breaker_core(lua_State *L);
 
+/* Pins this shared object in memory. The list of shared regions is a
+ * process-wide static (shm.c): when nginx reloads, its master closes the
+ * Lua VM, which would dlclose this library and forget every region, and
+ * init_by_lua could not find them again. RTLD_NODELETE keeps it loaded. */
+static void pin_library(void)
+{
+	Dl_info info;
+	if (dladdr((void *)(uintptr_t)&luaopen_breaker_core, &info) && info.dli_fname)
+		(void)dlopen(info.dli_fname, RTLD_NOW | RTLD_NOLOAD | RTLD_NODELETE);
+}
+
 /* require "breaker.core" */
 int luaopen_breaker_core(lua_State *L)
 {
+	pin_library();
 	if (luaL_newmetatable(L, BREAKER_MT)) {
 		lua_newtable(L);
 		luaL_setfuncs(L, methods, 0);
