@@ -51,7 +51,7 @@ deps:
 	@sh tools/deps.sh
 
 lint: build
-	$(LUACHECK) -q lua spec bench examples
+	$(LUACHECK) -q lua spec bench examples tools
 
 specs: build
 	$(TEST_ENV) tools/run-specs.sh $(LUAJIT) $(LUA51) $(BUSTED)

@@ -177,8 +177,11 @@ if C then
   allow = function(self)
     local h = self._h
     -- Closed admits without side effects: the permit is computed here, as
-    -- brk_allow would (generation * 4 + 1), and no C call is made.
-    if h.state == 0 and h.gen == self._gen then return h.gen * 4 + 1 end
+    -- brk_allow would (generation * 4 + 1), and no C call is made. The
+    -- generation is read before the state: if another process moves a
+    -- shared breaker in between, the permit is merely stale (counted late).
+    local g = h.gen
+    if g == self._gen and h.state == 0 then return g * 4 + 1 end
     local p = C.brk_allow(self._p)
     if h.gen ~= self._gen then notice(self) end
     if p > 0 then return p end
