@@ -52,5 +52,7 @@ build = {
       ["breaker.policy"] = "lua/breaker/policy.lua",
       ["breaker.shared"] = "lua/breaker/shared.lua",
       ["breaker.llm"] = "lua/breaker/llm.lua",
+      ["breaker.ngx"] = "lua/breaker/ngx.lua",
+      ["breaker.ngx_worker"] = "lua/breaker/ngx_worker.lua",
    },
 }
