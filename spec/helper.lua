@@ -171,7 +171,8 @@ end
 
 -- Scripts an incident by wall-clock time: phases[i] = { name =, duration =
 -- seconds, ratio = share of requests faulted (default 1), mix = { fault, ... }
--- (faulted requests take these round-robin) or fault keys as in scenario }.
+-- (faulted requests take these round-robin) or fault keys as in scenario, or
+-- rps = N: a rate limit of N requests per second, 429 + Retry-After beyond }.
 -- The timeline starts at `start` (epoch seconds, default now); requests after
 -- its end behave normally. up:stats().phases counts requests per phase name
 -- and up:stats().phase names the current one. Returns the number of phases.
@@ -199,6 +200,10 @@ Nginx.__index = Nginx
 
 local nginx = {}
 helper.nginx = nginx
+
+-- Prefix for external commands: a sanitizer preloaded into the specs'
+-- interpreter must not reach them (curl and ps hang under a preloaded libasan).
+helper.clean_env = "env -u LD_PRELOAD -u ASAN_OPTIONS -u UBSAN_OPTIONS "
 
 -- Absolute path of the repository (the parent of the spec directory).
 function helper.repo_dir()
@@ -228,7 +233,7 @@ end
 -- Pids of the running children of `pid`, sorted.
 function helper.children(pid)
   local out = {}
-  local p = assert(io.popen("ls /proc"))
+  local p = assert(io.popen(helper.clean_env .. "ls /proc"))
   for d in p:lines() do
     if d:match("^%d+$") then
       local ppid, state = proc_stat(d)
@@ -284,13 +289,18 @@ function nginx.start(opts)
     os.execute("rm -rf " .. shell_quote(prefix))
     assert(os.execute("mkdir -p " .. shell_quote(prefix) .. "/conf " .. shell_quote(prefix) .. "/logs "
                       .. shell_quote(prefix) .. "/tmp"))
+    local rok, text = pcall(opts.render, port, abs)
+    if not rok then
+      os.execute("rm -rf " .. shell_quote(prefix))
+      error(text, 2)
+    end
     local f = assert(io.open(prefix .. "/conf/nginx.conf", "w"))
-    f:write(opts.render(port, abs))
+    f:write(text)
     f:close()
     -- A sanitizer preloaded into the specs' interpreter must not reach nginx.
-    local cmd = format("env -u LD_PRELOAD -u ASAN_OPTIONS -u UBSAN_OPTIONS %s nginx -p %s/ "
+    local cmd = format("%s%s nginx -p %s/ "
                        .. "-c conf/nginx.conf -e logs/error.log -g 'daemon on;' 2>&1",
-                       concat(env, " "), shell_quote(abs))
+                       helper.clean_env, concat(env, " "), shell_quote(abs))
     local p = assert(io.popen(cmd))
     local out = p:read("*a")
     p:close()

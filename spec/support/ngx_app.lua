@@ -10,6 +10,7 @@
 --   GET /blocking          the same call with breaker.curl in the worker
 --   GET /stats             bngx.stats() + init_at + region info
 --   GET /count             counters of the shared dict `test`
+--   GET /transport/<case>  one check of breaker.ngx's transport (see `cases`)
 --
 -- Every answer carries X-Worker (ngx.worker.id()) and X-Worker-Pid.
 
@@ -49,6 +50,8 @@ function _M.init(opts)
   conf.init_at = ngx.now()
   conf.region = shared.new(opts.region, { capacity = 16, max_window = 128 })
   for name, cfg in pairs(BREAKERS) do
+    -- the reload spec changes a config (see ngx_spec.lua)
+    if opts.mismatch and name == "count" then cfg = { window_size = 99 } end
     local b = breaker.new(name, cfg, { shared = conf.region })
     policies[name] = bngx.policy{ breaker = b }
   end
@@ -109,6 +112,132 @@ function handlers.blocking()
     conf.blocking = t
   end
   return reply("blocking", t:request(chat_request()))
+end
+
+-- A minimal transport on cosockets (HTTP/1.1, Connection: close): the
+-- plug-in interface of breaker.ngx, t:request(req) -> res | nil, err.
+local cosocket = {}
+
+function cosocket.request(_, req)
+  local errors = require "breaker.error"
+  local host, port, path = req.url:match("^http://([^:/]+):(%d+)(.*)$")
+  local sock = ngx.socket.tcp()
+  sock:settimeout((req.timeout or 10) * 1000)
+  local ok, err = sock:connect(host, tonumber(port))
+  if not ok then return nil, errors.new(err == "timeout" and "timeout" or "connect", err) end
+  local lines = { (req.method or "GET") .. " " .. (path ~= "" and path or "/") .. " HTTP/1.1",
+                  "Host: " .. host, "Connection: close", "Content-Length: " .. #(req.body or "") }
+  for k, v in pairs(req.headers or {}) do lines[#lines + 1] = k .. ": " .. v end
+  ok, err = sock:send(table.concat(lines, "\r\n") .. "\r\n\r\n" .. (req.body or ""))
+  if not ok then return nil, errors.new(err == "timeout" and "timeout" or "reset", err) end
+  local data, rerr, partial = sock:receive("*a")
+  sock:close()
+  data = data or partial
+  if rerr then return nil, errors.new(rerr == "timeout" and "timeout" or "reset", rerr) end
+  local head, body = data:match("^(.-)\r\n\r\n(.*)$")
+  local status = head and tonumber(head:match("^HTTP/1%.%d (%d%d%d)"))
+  if not status then return nil, errors.new("protocol", "no HTTP status line") end
+  local headers = {}
+  for k, v in head:gmatch("\r\n([^:\r\n]+):%s*([^\r\n]*)") do headers[k:lower()] = v end
+  return { status = status, headers = headers, body = body, timing = {} }
+end
+
+-- /transport/<case>: breaker.ngx's transport and plug-in interface, as JSON.
+local cases = {}
+
+function cases.buffer()
+  local bngx = require "breaker.ngx"
+  local t = bngx.transport{ on_chunk = "buffer", timeout = 10 }
+  local req = chat_request()
+  req.body = '{"model":"gpt-fake","stream":true,"messages":[{"role":"user","content":"a b c"}]}'
+  local chunks = {}
+  req.on_chunk = function(c) chunks[#chunks + 1] = c end
+  local res, err = t:request(req)
+  return { status = res and res.status, streamed = res and res.streamed, body = res and res.body,
+           chunks = #chunks, data = table.concat(chunks), err = err and tostring(err) }
+end
+
+function cases.many()
+  local t = require("breaker.ngx").transport{ timeout = 10 }
+  local out = t:request_many{ chat_request(), { url = "http://127.0.0.1:" .. ngx.var.arg_port .. "/" } }
+  return { first = out[1].res and out[1].res.status, second = out[2].err and out[2].err.kind,
+           second_is_error = require("breaker.error").is(out[2].err) }
+end
+
+-- breaker.llm over the thread-pool transport: chat, and a stream (buffered).
+function cases.llm()
+  local llm = require "breaker.llm"
+  local client = llm.new{ base_url = conf.upstream .. "/v1", model = "gpt-fake", api_key = conf.key,
+                          name = "llm-spec",
+                          transport = require("breaker.ngx").transport{ on_chunk = "buffer" } }
+  local res, err = client:chat{ messages = { { role = "user", content = "one two" } } }
+  local deltas = {}
+  local sres, serr = client:chat_stream{ messages = { { role = "user", content = "three four" } },
+                                         on_delta = function(text) deltas[#deltas + 1] = text end }
+  return { chat = res and res.choices[1].message.content, chat_err = err and tostring(err),
+           stream = sres and sres.choices[1].message.content, stream_err = serr and tostring(serr),
+           deltas = table.concat(deltas, "|") }
+end
+
+function cases.on_chunk_refused()
+  local t = require("breaker.ngx").transport()
+  local req = chat_request()
+  req.on_chunk = function() end
+  local ok, err = pcall(t.request, t, req)
+  return { ok = ok, err = tostring(err) }
+end
+
+function cases.no_pool()
+  local t = require("breaker.ngx").transport{ pool = "nope" }
+  local ok, err = pcall(t.request, t, chat_request())
+  return { ok = ok, err = tostring(err) }
+end
+
+function cases.refused()
+  local t = require("breaker.ngx").transport{ connect_timeout = 2 }
+  local res, err = t:request{ url = "http://127.0.0.1:" .. ngx.var.arg_port .. "/" }
+  return { res = res ~= nil, kind = err and err.kind, text = tostring(err),
+           is_error = require("breaker.error").is(err) }
+end
+
+function cases.cosocket()
+  local p = require("breaker.ngx").policy{ breaker = require("breaker").get("slow") }
+  local res, err = p:request(cosocket, chat_request())
+  return { status = res and res.status, body = res and res.body, err = err and tostring(err),
+           attempts = p.last.attempts }
+end
+
+function cases.timer()
+  local dict = ngx.shared.test
+  dict:delete("timer")
+  local req = chat_request() -- ngx.var is not available in a timer
+  local ok, terr = ngx.timer.at(0, function(premature)
+    if premature then return end
+    local res, err = conf.transport:request(req)
+    dict:set("timer", res and res.status or tostring(err))
+  end)
+  if not ok then return { err = terr } end
+  for _ = 1, 500 do
+    local v = dict:get("timer")
+    if v then return { status = v } end
+    ngx.sleep(0.01)
+  end
+  return { err = "the timer gave no result in 5 s" }
+end
+
+function cases.sleep()
+  local bngx = require "breaker.ngx"
+  local t0 = ngx.now()
+  bngx.sleep(0.2)
+  ngx.update_time()
+  return { slept = ngx.now() - t0 }
+end
+
+function handlers.transport(case)
+  local c = cases[case]
+  if not c then return ngx.exit(404) end
+  ngx.header["Content-Type"] = "application/json"
+  ngx.print(cjson.encode(c()))
 end
 
 function handlers.stats()
