@@ -871,29 +871,35 @@ static int transitions_nl(const brk_t *b, uint32_t since, brk_transition *out, i
  * wedge every other worker). Private breakers take no lock at all.
  * ====================================================================== */
 
-static pid_t cached_pid;
-static pthread_once_t pid_once = PTHREAD_ONCE_INIT;
+static uint32_t cached_pid;          /* 0 until first use; reset in fork children */
+static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
 
 static void pid_after_fork(void)
 {
-	cached_pid = getpid();
+	__atomic_store_n(&cached_pid, (uint32_t)getpid(), __ATOMIC_RELAXED);
 }
 
-static void pid_init(void)
+static void register_atfork(void)
 {
-	cached_pid = getpid();
 	pthread_atfork(NULL, NULL, pid_after_fork);
 }
 
-static uint32_t self_pid(void)
+static __attribute__((noinline)) uint32_t self_pid_slow(void)
 {
-	pthread_once(&pid_once, pid_init);
-	return (uint32_t)cached_pid;
+	pthread_once(&atfork_once, register_atfork);
+	pid_after_fork();
+	return cached_pid;
 }
 
-void brk_lock_word(uint32_t *word)
+/* This process's pid, without a system call on the hot path. */
+static inline uint32_t self_pid(void)
 {
-	uint32_t me = self_pid();
+	uint32_t me = __atomic_load_n(&cached_pid, __ATOMIC_RELAXED);
+	return me ? me : self_pid_slow();
+}
+
+static __attribute__((noinline)) void lock_contended(uint32_t *word, uint32_t me)
+{
 	unsigned spins = 0;
 	for (;;) {
 		uint32_t holder = 0;
@@ -911,6 +917,13 @@ void brk_lock_word(uint32_t *word)
 			return; /* the holder died inside its critical section */
 		sched_yield();
 	}
+}
+
+void brk_lock_word(uint32_t *word)
+{
+	uint32_t me = self_pid(), free_word = 0;
+	if (!__atomic_compare_exchange_n(word, &free_word, me, 0, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
+		lock_contended(word, me);
 }
 
 void brk_unlock_word(uint32_t *word)
