@@ -217,6 +217,17 @@ describe("breaker.classify", function()
       assert.equal("rate_limited", v.kind)
     end)
 
+    it("classifies a transport error after a 2xx status line by its kind", function()
+      -- e.g. a connection reset or a timeout in the middle of a 200's body
+      for _, k in ipairs{ "reset", "timeout" } do
+        local v = c(nil, errors.new(k, "cut", { status = 200 }))
+        assert.equal("failure", v.outcome, k)
+        assert.is_true(v.retryable, k)
+        assert.equal(k, v.kind)
+        assert.equal(200, v.status)
+      end
+    end)
+
     it("maps cosocket error strings", function()
       assert.equal("timeout", c(nil, "timeout").kind)
       assert.is_true(c(nil, "timeout").retryable)

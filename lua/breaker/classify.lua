@@ -363,6 +363,15 @@ function _M.new(opts, where)
           if err.kind and v.kind == "http_status" then v.kind = err.kind end
           return v
         end
+        -- A 2xx whose body then failed (reset, timeout mid-body): the
+        -- error's kind decides, as it would without a status.
+        local kr = err.kind and kinds[err.kind]
+        if kr then
+          v = verdict_of(kr, err.status, err.kind)
+          v.retry_after = err.retry_after
+          v.message = err.message
+          return v
+        end
         return verdict_of(unknown, err.status, err.kind)
       end
       local r = err.kind and kinds[err.kind]

@@ -161,7 +161,9 @@ end
 -- as JSON under "tl:i") lasts `duration` seconds; a share `ratio` of its
 -- requests (default all, spread evenly: request k is faulted when
 -- floor(k * ratio) moves) gets its fault, taken round-robin from `mix` when
--- given. Counts requests per phase under "tl_count:i".
+-- given; or, with `rps`, requests beyond a limit of rps per second (bucket
+-- of one second's worth) get 429 with Retry-After. Counts requests per phase
+-- under "tl_count:i".
 local function timeline_fault()
   local start = dict:get("tl_start")
   if not start then return nil end
@@ -173,6 +175,24 @@ local function timeline_fault()
     acc = acc + (tonumber(phase.duration) or 0)
     if t < acc then
       dict:incr("tl_count:" .. i, 1, 0)
+      local rps = tonumber(phase.rps)
+      if rps and rps > 0 then
+        -- A provider's rate limit: a bucket of `rps` requests refilled at rps
+        -- per second; beyond it 429 with Retry-After (whole seconds, >= 1).
+        local got = false
+        for _ = 1, 5000 do
+          if dict:add("tl_lock", true, 0.5) then got = true; break end
+          ngx.sleep(0.001)
+        end
+        if not got then return nil end
+        local now, interval = ngx.now(), 1 / rps
+        local tat = max(dict:get("tl_tat:" .. i) or now, now)
+        local ok = tat + interval - now <= 1 + 1e-9
+        if ok then dict:set("tl_tat:" .. i, tat + interval) end
+        dict:delete("tl_lock")
+        if ok then return nil end
+        return { fault = "429", retry_after = max(1, ceil(tat + interval - now - 1)) }
+      end
       local ratio = tonumber(phase.ratio) or 1
       local k = dict:incr("tl_seen:" .. i, 1, 0)
       if floor(k * ratio + 1e-9) == floor((k - 1) * ratio + 1e-9) then return nil end

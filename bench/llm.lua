@@ -1,0 +1,99 @@
+-- bench/llm.lua: what breaker.llm adds to a chat round trip.
+--
+--   LUA_PATH='lua/?.lua;lua/?/init.lua;spec/?.lua;;' LUA_CPATH='build/?.so;;' luajit bench/llm.lua [N] [ROUNDS]
+--
+-- client:chat{...} (default policy: breaker, retry, rate-limit learning,
+-- deadline; JSON encode of the request and decode of the answer; usage
+-- accounting) against raw transport requests (breaker.curl t:request with the
+-- same JSON body, already encoded, answer not decoded) to the fake upstream on
+-- loopback, in the same run, rounds interleaved; a third row decodes the raw
+-- answer too, to show how much of the difference is JSON. Figures: median over ROUNDS
+-- of N calls, wall time and client CPU per call; the overhead is the client's
+-- extra wall time per call over the raw request's. Prints figures; asserts
+-- nothing.
+
+local helper = require "helper"
+local curl = require "breaker.curl"
+local llm = require "breaker.llm"
+local cjson = require "cjson"
+
+local N = tonumber(arg and arg[1]) or 3000
+local ROUNDS = tonumber(arg and arg[2]) or 7
+local KEY = "sk-bench-key"
+local now = require("breaker").clock.now_precise
+local format = string.format
+
+local function median(t)
+  local c = {}
+  for i, v in ipairs(t) do c[i] = v end
+  table.sort(c)
+  return c[math.floor((#c + 1) / 2)]
+end
+
+local REQ = {
+  model = "gpt-fake", temperature = 0.2, max_tokens = 64,
+  messages = {
+    { role = "system", content = "You are a helpful assistant that answers in one sentence." },
+    { role = "user", content = "What is a circuit breaker, in the sense of distributed systems?" },
+  },
+}
+
+-- us wall and us CPU per call of fn over n calls.
+local function measure(n, fn)
+  collectgarbage()
+  local c0, t0 = os.clock(), now()
+  for _ = 1, n do fn() end
+  return (now() - t0) / n * 1e6, (os.clock() - c0) / n * 1e6
+end
+
+local up = helper.upstream.start{ workers = 1, api_key = KEY }
+local ok, err = pcall(function()
+  local client = llm.new{ base_url = up.url .. "/v1", api_key = KEY, model = "gpt-fake", timeout = 10 }
+  local t = curl.new{ timeout = 10 }
+  local body = cjson.encode(REQ)
+  local raw_req = { method = "POST", url = up.url .. "/v1/chat/completions", body = body, timeout = 10,
+                    headers = { authorization = "Bearer " .. KEY, ["content-type"] = "application/json",
+                                accept = "application/json" } }
+  local function raw()
+    local res = t:request(raw_req)
+    if not res or res.status ~= 200 then error("raw request failed") end
+  end
+  local function raw_decode()
+    local res = t:request(raw_req)
+    if not res or res.status ~= 200 or type(cjson.decode(res.body)) ~= "table" then
+      error("raw request failed")
+    end
+  end
+  local function chat()
+    local res, e = client:chat(REQ)
+    if not res then error("client:chat failed: " .. tostring(e)) end
+  end
+  -- Warm up both (connections, traces).
+  measure(N / 5, raw)
+  measure(N / 5, chat)
+  local rw, rc, dw, dc, cw, cc, over = {}, {}, {}, {}, {}, {}, {}
+  for r = 1, ROUNDS do
+    rw[r], rc[r] = measure(N, raw)
+    dw[r], dc[r] = measure(N, raw_decode)
+    cw[r], cc[r] = measure(N, chat)
+    over[r] = (cw[r] - rw[r]) / rw[r] * 100
+  end
+  local stats = client:stats()
+  print(format("chat round trips to the fake upstream on loopback (1 nginx worker): %d calls x %d rounds, " ..
+               "medians", N, ROUNDS))
+  print(format("  raw t:request (same body)   %7.1f us/call  %6.1f us client CPU/call", median(rw), median(rc)))
+  print(format("  raw t:request + cjson.decode %6.1f us/call  %6.1f us client CPU/call", median(dw), median(dc)))
+  print(format("  client:chat (default policy) %6.1f us/call  %6.1f us client CPU/call", median(cw), median(cc)))
+  print(format("  client overhead: %+.1f %% wall per call (median of per-round ratios; target <= 10 %%), " ..
+               "%+.1f us CPU per call", median(over), median(cc) - median(rc)))
+  print(format("  (%d chat calls, %d tokens counted, breaker %s; upstream saw %d requests on %d connection(s))",
+               stats.calls, stats.total_tokens, stats.models["gpt-fake"].breaker,
+               up:stats().requests, up:stats().connections))
+  client:close()
+  t:close()
+end)
+up:stop()
+if not ok then
+  io.stderr:write("bench/llm.lua failed: ", tostring(err), "\n")
+  os.exit(1)
+end
