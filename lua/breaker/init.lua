@@ -10,6 +10,10 @@
 
 local core = require "breaker.core"
 local errors = require "breaker.error"
+-- Events (breaker.events): emitted only while someone subscribes; the hot
+-- paths test ev_on[type], a table lookup, before building a payload.
+local events = require "breaker.events"
+local ev_on, emit = events.active, events.emit
 
 local type, pairs, ipairs, pcall, select, setmetatable, tostring, error =
       type, pairs, ipairs, pcall, select, setmetatable, tostring, error
@@ -143,7 +147,27 @@ local function notice(self)
       local ok, err = pcall(listeners[i], self.name, t.from, t.to, t.reason)
       if not ok then report_callback_error(self, err) end
     end
+    if ev_on.state_change then
+      emit("state_change", { breaker = self.name, from = t.from, to = t.to, reason = t.reason,
+                             generation = t.generation })
+    end
   end
+end
+
+-- breaker.events "rejected" (called only while someone subscribes).
+local function rejected_event(self, st, retry_after)
+  emit("rejected", { breaker = self.name, state = STATE_NAMES[st], retry_after = retry_after })
+end
+
+-- Latency observer for breaker.metrics: observer(b, outcome, latency) after
+-- each record, outcome 0 success, 1 failure, 2 ignored. nil (the default)
+-- costs one upvalue test per record.
+local observer = nil
+
+-- Internal: breaker.metrics installs (or with nil removes) its observer.
+function _M._set_observer(fn)
+  if fn ~= nil and type(fn) ~= "function" then error("breaker._set_observer: expected a function or nil", 2) end
+  observer = fn
 end
 
 local err_mt = errors.mt
@@ -185,6 +209,7 @@ if C then
     local p = C.brk_allow(self._p)
     if h.gen ~= self._gen then notice(self) end
     if p > 0 then return p end
+    if ev_on.rejected then rejected_event(self, h.state, -p - 1) end
     return nil, open_error(self, h.state, -p - 1)
   end
 
@@ -207,6 +232,7 @@ if C then
     end
     C.brk_record(self._p, permit, o, latency, retry_after)
     if self._h.gen ~= self._gen then notice(self) end
+    if observer then observer(self, o, latency) end
   end
 
   state = function(self)
@@ -219,7 +245,9 @@ else
     if ud:generation() ~= self._gen then notice(self) end
     if p then return p end
     local st = ud:state()
-    return nil, open_error(self, st == "half_open" and 2 or st == "forced_open" and 3 or 1, ra)
+    st = st == "half_open" and 2 or st == "forced_open" and 3 or 1
+    if ev_on.rejected then rejected_event(self, st, ra) end
+    return nil, open_error(self, st, ra)
   end
 
   record = function(self, permit, outcome, latency, retry_after)
@@ -232,6 +260,7 @@ else
     end
     self._ud:record(permit, outcome, latency or 0, retry_after or 0)
     if self._ud:generation() ~= self._gen then notice(self) end
+    if observer then observer(self, OUTCOMES[outcome], latency or 0) end
   end
 
   state = function(self)

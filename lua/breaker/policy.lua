@@ -63,6 +63,11 @@ local fallback = require "breaker.fallback"
 local bulkhead = require "breaker.bulkhead"
 local ratelimit = require "breaker.ratelimit"
 local errors = require "breaker.error"
+-- Events (breaker.events) fire only on slow paths (a retry, a fallback, an
+-- exhausted budget, a full bulkhead) and only while someone subscribes:
+-- ev_on[type] is tested before any payload is built.
+local events = require "breaker.events"
+local ev_on, emit = events.active, events.emit
 
 local type, pairs, tostring, pcall, error, select, setmetatable, require =
       type, pairs, tostring, pcall, error, select, setmetatable, require
@@ -209,6 +214,27 @@ function _M.load(path)
 end
 
 -- ---------------------------------------------------------------------------
+-- Events (only called when ev_on[type] is set)
+
+local function breaker_name(self)
+  local b = self.breaker
+  return b and b.name or nil
+end
+
+local function retry_event(self, attempt, delay, verdict, err)
+  emit("retry", {
+    policy = self.name, breaker = breaker_name(self), attempt = attempt, delay = delay,
+    reason = type(err) == "table" and type(err.kind) == "string" and err.kind or verdict.kind or "error",
+    status = verdict.status, retry_after = verdict.retry_after,
+  })
+end
+
+local function fallback_event(self, how, kind, stop, attempts)
+  emit("fallback", { policy = self.name, breaker = breaker_name(self), how = how, reason = kind,
+                     stop = stop, attempts = attempts })
+end
+
+-- ---------------------------------------------------------------------------
 -- Shared pieces of the loop
 
 local function fill(rep, attempts, wait, elapsed, outcome, stop, how, reason, err)
@@ -235,7 +261,13 @@ local function plan(self, verdict, attempt, deadline, now)
   if not d then return nil, "max_delay" end
   if deadline and now + d >= deadline then return nil, "deadline" end
   local bu = self.budget
-  if bu and not bu:withdraw(now) then return nil, "budget" end
+  if bu and not bu:withdraw(now) then
+    if ev_on.budget_exhausted then
+      emit("budget_exhausted", { policy = self.name, breaker = breaker_name(self), attempt = attempt,
+                                 reason = verdict.kind })
+    end
+    return nil, "budget"
+  end
   return d
 end
 
@@ -259,7 +291,14 @@ local function admit(self, deadline, now_t)
   local bh = self.bulkhead
   if bh and not bh:try_acquire() then
     local ok, w = bh:acquire(self.now, self.sleep, deadline)
-    if not ok then return nil, w end
+    if not ok then
+      if ev_on.bulkhead_rejected then
+        emit("bulkhead_rejected", { policy = self.name, breaker = breaker_name(self),
+                                    max_concurrent = bh.max,
+                                    reason = type(w) == "table" and w.kind or "bulkhead_full" })
+      end
+      return nil, w
+    end
     waited = w
   end
   local rl = self.rate_limit
@@ -309,7 +348,10 @@ end
 -- Writes the report of a failed call once the fallback (which may yield) ran.
 local function fb_done(self, rep, attempts, waited, t_start, outcome, stop, kind, err, ok, ...)
   fill(rep, attempts, waited, self.now() - t_start, outcome, stop, ok and "function" or nil, kind, err)
-  if ok then return ... end
+  if ok then
+    if ev_on.fallback then fallback_event(self, "function", kind, stop, attempts) end
+    return ...
+  end
   rep.fallback_error = (...)
   return nil, err
 end
@@ -329,6 +371,7 @@ local function call_final(self, rep, n, a1, a2, a3, a4, attempts, waited, t_star
         local v = c:get(key, self.now())
         if v ~= nil then
           fill(rep, attempts, waited, self.now() - t_start, outcome, stop, "cache", kind, err)
+          if ev_on.fallback then fallback_event(self, "cache", kind, stop, attempts) end
           return v
         end
       end
@@ -341,7 +384,10 @@ local function call_final(self, rep, n, a1, a2, a3, a4, attempts, waited, t_star
     if fb.has_value then how = "value" end
   end
   fill(rep, attempts, waited, self.now() - t_start, outcome, stop, how, kind, err)
-  if how then return fb.value end
+  if how then
+    if ev_on.fallback then fallback_event(self, how, kind, stop, attempts) end
+    return fb.value
+  end
   return nil, err
 end
 
@@ -393,6 +439,7 @@ local function call_settle(self, rep, fn, n, a1, a2, a3, a4, attempt, deadline, 
   if not delay then
     return call_final(self, rep, n, a1, a2, a3, a4, attempt, waited, t_start, err, outcome, stop, verdict)
   end
+  if ev_on.retry then retry_event(self, attempt, delay, verdict, err) end
   if delay > 0 then self.sleep(delay) end
   return call_attempt(self, rep, fn, n, a1, a2, a3, a4, attempt + 1, deadline, waited + delay, t_start, err)
 end
@@ -510,7 +557,10 @@ local function request_final(self, rep, req, attempts, waited, t_start, err, out
   end
   fill(rep, attempts, waited, self.now() - t_start, outcome, stop, how, kind, err)
   rep.fallback_error = ferr
-  if how then return v, e2 end
+  if how then
+    if ev_on.fallback then fallback_event(self, how, kind, stop, attempts) end
+    return v, e2
+  end
   return nil, err
 end
 
@@ -588,6 +638,7 @@ local function request_attempt(self, transport, req, r, rep, ctx, attempt, deadl
   if not delay then
     return request_final(self, rep, req, attempt, waited, t_start, err, outcome, stop, v)
   end
+  if ev_on.retry then retry_event(self, attempt, delay, v, err) end
   if delay > 0 then self.sleep(delay) end
   return request_attempt(self, transport, req, r, rep, ctx, attempt + 1, deadline, waited + delay, t_start, err)
 end
