@@ -460,5 +460,25 @@ describe("breaker.ngx in nginx", function()
       end
       assert.equal(reached, up:stats().requests)
     end)
+
+    it("serves Prometheus metrics, JSON and the dashboard at /breaker/", function()
+      local app = start_example()
+      for _ = 1, 4 do
+        assert.equal(200, (app:request("POST", "/v1/chat/completions", nil, CHAT)))
+      end
+      local code, h, text = app:request("GET", "/breaker/metrics")
+      assert.equal(200, code)
+      assert.matches("^text/plain", h["content-type"])
+      assert.matches('\nbreaker_state{breaker="llm",state="closed"} 1\n', "\n" .. text, 1, true)
+      -- the latency histogram is summed over both workers in the shared dict
+      local count = text:match('breaker_call_duration_seconds_count{breaker="llm"} (%d+)')
+      assert.equal("4", count, text)
+      local j = cjson.decode(select(3, app:request("GET", "/breaker/metrics.json")))
+      assert.truthy(j.breakers)
+      local c2, h2, page = app:request("GET", "/breaker/")
+      assert.equal(200, c2)
+      assert.matches("^text/html", h2["content-type"])
+      assert.truthy(page:find("metrics.json", 1, true))
+    end)
   end)
 end)

@@ -399,6 +399,10 @@ function _M.new(opts)
     if self.embedding_model then self:_model(self.embedding_model) end
   end)
   if not ok then error(scrub(tostring(err), key), 2) end
+  -- Count this client's tokens and cost in breaker.metrics, if the app uses
+  -- it (metrics holds clients weakly).
+  local metrics = package.loaded["breaker.metrics"]
+  if type(metrics) == "table" and metrics.register_llm then metrics.register_llm(self) end
   return self
 end
 

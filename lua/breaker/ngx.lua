@@ -417,4 +417,10 @@ function _M.stats(names)
   return out
 end
 
+-- bngx.metrics_handler(opts): the content handler of breaker.metrics
+-- (Prometheus text, JSON and the dashboard); see metrics.handler.
+function _M.metrics_handler(opts)
+  return require("breaker.metrics").handler(opts)
+end
+
 return _M
