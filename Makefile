@@ -67,10 +67,13 @@ asan: deps
 	LUA_PATH='lua/?.lua;lua/?/init.lua;spec/?.lua;;' LUA_CPATH='build-asan/?.so;;' \
 	tools/run-specs.sh $(LUAJIT) $(LUA51) $(BUSTED)
 
-# The C core under valgrind's memcheck: no definite leaks, no errors.
+# The C core and the libcurl transport (against the fake upstream) under
+# valgrind's memcheck: no definite leaks, no errors.
 valgrind: deps build
 	$(TEST_ENV) valgrind -q --leak-check=full --errors-for-leak-kinds=definite \
 	    --error-exitcode=9 $(LUAJIT) tools/valgrind-core.lua
+	$(TEST_ENV) valgrind -q --leak-check=full --errors-for-leak-kinds=definite \
+	    --error-exitcode=9 $(LUAJIT) tools/valgrind-curl.lua
 
 bench: deps build
 	$(TEST_ENV) $(LUAJIT) bench/run.lua

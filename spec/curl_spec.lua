@@ -537,6 +537,26 @@ describe("breaker.curl", function()
       assert.are.same({}, t:request_many{})
     end)
 
+    it("runs no on_chunk after one raised, and rethrows that error", function()
+      local after = 0
+      local raised = false
+      local body = cjson.encode{ model = "m", stream = true,
+                                 messages = { { role = "user", content = "a b c d e f g h" } } }
+      raises(function()
+        t:request_many{
+          { url = up.url .. "/v1/chat/completions", headers = auth(), body = body,
+            on_chunk = function() raised = true; error("first boom") end },
+          { url = up.url .. "/v1/chat/completions", body = body,
+            headers = auth{ ["x-fake-fault"] = "fault=slow&body_delay=0.05" },
+            on_chunk = function()
+              if raised then after = after + 1 end  -- goes on: 8 events, 50 ms apart
+            end },
+        }
+      end, "first boom")
+      assert.are.equal(0, after)
+      assert(t:request{ url = up.url .. "/echo" })  -- still usable
+    end)
+
     it("validates every request before sending any", function()
       raises(function()
         t:request_many{ { url = up.url .. "/echo" }, { url = up.url .. "/echo" },
@@ -544,6 +564,85 @@ describe("breaker.curl", function()
       end, "requests[3].body")
       raises(function() t:request_many{ { url = up.url .. "/echo" }, "x" } end, "requests[2]")
       assert.are.equal(0, up:stats().requests)
+    end)
+  end)
+
+  describe("C API (http.h) through FFI", function()
+    local ok_ffi, ffi = pcall(require, "ffi")
+    local lib
+    if ok_ffi then
+      local path = package.searchpath and package.searchpath("breaker.curl", package.cpath)
+      if path then
+        pcall(ffi.cdef, [[
+          typedef struct http_header { const char *name; size_t name_len;
+                                       const char *value; size_t value_len; } http_header;
+          typedef struct http_client_config { int verify_tls; const char *ca_file;
+            const char *ca_path; const char *user_agent; long max_connections; } http_client_config;
+          typedef int (*http_chunk_fn)(void *ud, const char *data, size_t len);
+          typedef struct http_request_spec { const char *method; const char *url;
+            const http_header *headers; size_t nheaders; const char *body; size_t body_len;
+            long timeout_ms; long connect_timeout_ms; size_t max_body;
+            http_chunk_fn on_chunk; void *chunk_ud; } http_request_spec;
+          typedef struct http_result { int kind; int curl_code; int chunk_status; long status;
+            int streamed; const char *message; const char *body; size_t body_len; size_t received;
+            const http_header *headers; size_t nheaders; double connect_time;
+            double first_byte_time; double total_time; } http_result;
+          typedef struct http_client http_client;
+          typedef struct http_request http_request;
+          http_client *http_client_new(const http_client_config *cfg, char *err, size_t errlen);
+          void http_client_free(http_client *c);
+          http_request *http_request_new(http_client *c, const http_request_spec *spec);
+          int http_perform(http_client *c, http_request *const *reqs, size_t n);
+          const http_result *http_request_result(const http_request *r);
+          void http_request_free(http_client *c, http_request *r);
+        ]])
+        lib = ffi.load(path)
+      end
+    end
+
+    -- Runs one request through the C API; returns kind, message, and what
+    -- the upstream received.
+    local function c_request(method, name, value, ua)
+      local cfg = ffi.new("http_client_config", { verify_tls = 1, user_agent = ua })
+      local errbuf = ffi.new("char[256]")
+      local c = lib.http_client_new(cfg, errbuf, 256)
+      if c == nil then return nil, ffi.string(errbuf) end
+      local h = ffi.new("http_header[1]")
+      h[0].name, h[0].name_len, h[0].value, h[0].value_len = name, #name, value, #value
+      local spec = ffi.new("http_request_spec", { method = method, url = up.url .. "/echo",
+                           headers = h, nheaders = 1, timeout_ms = 5000, max_body = 65536 })
+      local r = lib.http_request_new(c, spec)
+      local rs = ffi.new("http_request *[1]", r)
+      lib.http_perform(c, rs, 1)
+      local res = lib.http_request_result(r)
+      local kind, msg = res.kind, ffi.string(res.message)
+      lib.http_request_free(c, r)
+      lib.http_client_free(c)
+      return kind, msg
+    end
+
+    it("refuses CR, LF or NUL in a header value, a bad name or method, and sends nothing", function()
+      if not lib then pending("needs LuaJIT's FFI") return end
+      local INVALID = 7  -- HTTP_EINVALID
+      local cases = {
+        { "GET", "x-a", "v\r\nx-injected: 1" },
+        { "GET", "x-a", "v\nx-injected: 1" },
+        { "GET", "x-a", "Bearer " .. SECRET .. "\0tail" },
+        { "GET", "x-a: b\r\nx-injected", "1" },
+        { "GET", "bad name", "1" },
+        { "GET", "", "1" },
+        { "GET /x HTTP/1.1\r\nx-injected: 1\r\n", "x-a", "1" },
+      }
+      for _, c in ipairs(cases) do
+        local kind, msg = c_request(c[1], c[2], c[3])
+        assert.are.equal(INVALID, kind, msg)
+        assert.is_nil(msg:find(SECRET, 1, true), msg)
+      end
+      assert.are.equal(0, up:stats().requests)
+      assert.are.equal(0, (c_request("GET", "x-a", "fine")))  -- HTTP_OK
+      local kind, msg = c_request("GET", "x-a", "1", "agent\r\nx-injected: 1")
+      assert.is_nil(kind)
+      assert.matches("user_agent", msg)
     end)
   end)
 
@@ -618,6 +717,17 @@ describe("breaker.curl", function()
       end
       assert.is_nil(p(nil))
       assert.is_nil(p())
+    end)
+
+    it("returns nil for a date measured from a NaN or huge now", function()
+      local date = "Sun, 06 Nov 1994 08:49:37 GMT"
+      for _, bad in ipairs{ 0 / 0, math.huge, -math.huge, 1e300, -1e300, 2 ^ 53 } do
+        local ok, r = pcall(p, date, bad)
+        assert.is_true(ok)
+        assert.is_nil(r, tostring(bad))
+      end
+      assert.are.equal(30, p(30, 0 / 0))  -- a number does not need now
+      assert.are.equal(0, p(date, 2 ^ 53 - 1))
     end)
   end)
 

@@ -235,6 +235,37 @@ static void opt_write_fn(http_request *r, CURLoption o, curl_write_callback v)
 }
 
 /* ------------------------------------------------------------------------
+ * What may go on a request line or header line
+ * ---------------------------------------------------------------------- */
+
+/* RFC 9110 token (header names, methods): 1 when s[0, len) is one. */
+static int is_token(const char *s, size_t len)
+{
+	size_t i;
+	if (len == 0)
+		return 0;
+	for (i = 0; i < len; i++) {
+		unsigned char ch = (unsigned char)s[i];
+		if ((ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') ||
+		    (ch >= '0' && ch <= '9'))
+			continue;
+		if (ch == 0 || strchr("!#$%&'*+-.^_`|~", ch) == NULL)
+			return 0;
+	}
+	return 1;
+}
+
+/* 1 when s[0, len) holds no CR, LF or NUL: it cannot end a header line. */
+static int is_field_value(const char *s, size_t len)
+{
+	size_t i;
+	for (i = 0; i < len; i++)
+		if (s[i] == '\r' || s[i] == '\n' || s[i] == '\0')
+			return 0;
+	return 1;
+}
+
+/* ------------------------------------------------------------------------
  * Client
  * ---------------------------------------------------------------------- */
 
@@ -262,6 +293,11 @@ http_client *http_client_new(const http_client_config *cfg, char *err, size_t er
 	pthread_once(&global_once, global_init);
 	if (global_status != CURLE_OK) {
 		snprintf(err, errlen, "curl_global_init: %s", curl_easy_strerror(global_status));
+		return NULL;
+	}
+	if (cfg->user_agent != NULL &&
+	    !is_field_value(cfg->user_agent, strlen(cfg->user_agent))) {
+		snprintf(err, errlen, "user_agent must not contain CR or LF");
 		return NULL;
 	}
 	c = calloc(1, sizeof(*c));
@@ -331,6 +367,10 @@ static size_t on_header(char *p, size_t size, size_t nmemb, void *ud)
 		return n;
 	}
 	if (len == 0)
+		return n;
+	/* head_buf is "name\0value\0" pairs: a NUL inside a line would shift
+	 * every later pair (curl >= 7.x rejects such lines itself). */
+	if (memchr(p, '\0', len) != NULL)
 		return n;
 	if (is_space(p[0])) {
 		/* obsolete line folding: continue the previous value */
@@ -468,6 +508,23 @@ static int add_line(struct curl_slist **list, const char *line)
 	return 0;
 }
 
+/* 1 when every header of spec is a token name with a value that cannot
+ * end the line (no request smuggling through a name or value), and the
+ * method, if any, is a token. Checked here for C callers too; the Lua
+ * binding raises on the same rules before. */
+static int spec_is_valid(const http_request_spec *spec)
+{
+	size_t i;
+	if (spec->method != NULL && !is_token(spec->method, strlen(spec->method)))
+		return 0;
+	for (i = 0; i < spec->nheaders; i++) {
+		const http_header *h = &spec->headers[i];
+		if (!is_token(h->name, h->name_len) || !is_field_value(h->value, h->value_len))
+			return 0;
+	}
+	return 1;
+}
+
 /* Builds r's request header list from the spec. Returns 0 or -1. */
 static int build_headers(http_request *r, const http_request_spec *spec)
 {
@@ -582,6 +639,12 @@ http_request *http_request_new(http_client *c, const http_request_spec *spec)
 	snprintf(r->message, sizeof(r->message), "request did not run");
 	if (take_easy(c, r) != 0) {
 		fail(r, HTTP_EOTHER, CURLE_FAILED_INIT, "curl_easy_init failed");
+		return r;
+	}
+	if (!spec_is_valid(spec)) {
+		/* never the value in the message: it may be a credential */
+		fail(r, HTTP_EINVALID, CURLE_BAD_FUNCTION_ARGUMENT,
+		     "invalid method or header (name not a token, or CR, LF or NUL in a value)");
 		return r;
 	}
 	if (build_headers(r, spec) != 0) {
@@ -760,19 +823,21 @@ int http_perform(http_client *c, http_request *const *reqs, size_t n)
 			return -1;
 		}
 		while ((msg = curl_multi_info_read(c->multi, &left)) != NULL) {
+			http_request *r = NULL;
+			char *priv = NULL;
 			if (msg->msg != CURLMSG_DONE)
 				continue;
-			for (i = 0; i < n; i++) {
-				http_request *r = reqs[i];
-				if (r != NULL && r->in_multi && r->easy == msg->easy_handle) {
-					CURLcode code = msg->data.result;
-					/* msg is invalid once the handle is removed */
-					curl_multi_remove_handle(c->multi, r->easy);
-					r->in_multi = 0;
-					finish(r, code);
-					active--;
-					break;
-				}
+			/* CURLOPT_PRIVATE is the request (set by setup_request):
+			 * no scan of reqs, which made a large batch quadratic */
+			if (curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, &priv) == CURLE_OK)
+				r = (http_request *)(void *)priv;
+			if (r != NULL && r->in_multi && r->easy == msg->easy_handle) {
+				CURLcode code = msg->data.result;
+				/* msg is invalid once the handle is removed */
+				curl_multi_remove_handle(c->multi, r->easy);
+				r->in_multi = 0;
+				finish(r, code);
+				active--;
 			}
 		}
 		if (active == 0)

@@ -14,7 +14,9 @@
 #include "compat.h"
 
 #include <curl/curlver.h>
+#include <limits.h>
 #include <math.h>
+#include <stdint.h>
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
@@ -136,8 +138,8 @@ static long seconds_ms(lua_State *L, int idx, const char *what, const char *key)
 	s = lua_tonumber(L, idx);
 	if (!(s > 0))
 		throw(L, "%s.%s must be a positive number of seconds", what, key);
-	if (s >= 1e9)
-		return 0; /* no limit */
+	if (s >= 1e9 || ceil(s * 1000.0) >= (double)LONG_MAX)
+		return 0; /* no limit (and no overflow of a 32-bit long) */
 	return (long)ceil(s * 1000.0);
 }
 
@@ -150,8 +152,10 @@ static size_t byte_count(lua_State *L, int idx, const char *what, const char *ke
 	v = lua_tonumber(L, idx);
 	if (!(v >= 0))
 		throw(L, "%s.%s must be a number >= 0", what, key);
-	if (v >= 9007199254740992.0) /* 2^53: no practical limit */
-		return (size_t)9007199254740992.0;
+	/* 2^53 (or SIZE_MAX where size_t is narrower): no practical limit */
+	if (v >= 9007199254740992.0 || v >= (double)SIZE_MAX)
+		return (double)SIZE_MAX < 9007199254740992.0 ? SIZE_MAX
+			: (size_t)9007199254740992.0;
 	return (size_t)v;
 }
 
@@ -604,6 +608,11 @@ static int chunk_cb(void *ud, const char *data, size_t len)
 	chunk_call cc;
 	int stop;
 
+	/* Once an on_chunk raised, the call ends with that error: no more Lua
+	 * runs, and every other streamed request of the batch aborts at its
+	 * next chunk (buffered ones still run to their end or timeout). */
+	if (ctx->raised)
+		return 2;
 	cc.data = data;
 	cc.len = len;
 	lua_pushvalue(L, ctx->tramp);
@@ -722,6 +731,8 @@ static int run(lua_State *L, transport *t, int idx, int many)
 	if (t->busy)
 		throw(L, "transport is busy (a request from inside on_chunk?)");
 	release_pending(t);
+	/* reading a request table nests up to ~20 values (and a raise 3 more) */
+	luaL_checkstack(L, 40, "breaker.curl");
 	if (many)
 		n = lua_rawlen(L, idx);
 	memset(&ctx, 0, sizeof(ctx));
@@ -753,7 +764,8 @@ static int run(lua_State *L, transport *t, int idx, int many)
 		t->reqs[i].spec.headers = t->hdrs + t->reqs[i].hdr_off;
 
 	/* 2. C requests, owned by t (pending) until released */
-	memset(t->hreqs, 0, n * sizeof(*t->hreqs));
+	if (n > 0)  /* hreqs is NULL before the first request */
+		memset(t->hreqs, 0, n * sizeof(*t->hreqs));
 	t->pending = n;
 	for (i = 0; i < n; i++) {
 		t->hreqs[i] = http_request_new(t->client, &t->reqs[i].spec);
@@ -836,17 +848,24 @@ static int l_request_many(lua_State *L)
 
 /* curl.parse_retry_after(value [, now]) -> seconds >= 0 | nil. value is a
  * Retry-After header: delta-seconds or an HTTP-date (a past date gives 0);
- * now (epoch seconds, default the clock) is what a date is measured from.
- * Anything else, including nil, gives nil; never raises. */
+ * now (epoch seconds, default the clock) is what a date is measured from;
+ * a now beyond +-2^53 or NaN gives nil for a string value. Anything else,
+ * including nil, gives nil; never raises. */
 static int l_parse_retry_after(lua_State *L)
 {
 	double v;
 	size_t len;
 	const char *s;
 	time_t now = time(NULL);
+	int now_ok = 1;
 
-	if (lua_type(L, 2) == LUA_TNUMBER)
-		now = (time_t)lua_tonumber(L, 2);
+	if (lua_type(L, 2) == LUA_TNUMBER) {
+		/* NaN, infinities and values beyond +-2^53 cannot be converted
+		 * (undefined behaviour): such a now gives nil, like garbage. */
+		double n = lua_tonumber(L, 2);
+		now_ok = n > -9007199254740992.0 && n < 9007199254740992.0;
+		now = now_ok ? (time_t)n : 0;
+	}
 	if (lua_type(L, 1) == LUA_TNUMBER) {
 		v = lua_tonumber(L, 1);
 		if (v >= 0 && v <= HTTP_RETRY_AFTER_MAX)
@@ -860,7 +879,7 @@ static int l_parse_retry_after(lua_State *L)
 		return 1;
 	}
 	s = lua_tolstring(L, 1, &len);
-	if (http_parse_retry_after(s, len, now, &v))
+	if (now_ok && http_parse_retry_after(s, len, now, &v))
 		lua_pushnumber(L, v);
 	else
 		lua_pushnil(L);
