@@ -426,12 +426,16 @@ describe("breaker.metrics", function()
     it("includes a registered breaker.llm client's real usage against the fake upstream", function()
       local llm = require "breaker.llm"
       local up = helper.upstream.start{ api_key = "sk-test-good" }
-      finally(function() up:stop() end)
-      local client = llm.new{ base_url = up.url .. "/v1", api_key = "sk-test-good", model = "gpt-fake",
-                              name = uname("llm-client"), prices = { ["gpt-fake"] = { prompt = 2, completion = 8 } },
-                              policy = { retry = false } }
+      local client
+      -- busted keeps one finally per test (the last one given): one for all.
+      finally(function()
+        if client then metrics.unregister_llm(client); client:close() end
+        up:stop()
+      end)
+      client = llm.new{ base_url = up.url .. "/v1", api_key = "sk-test-good", model = "gpt-fake",
+                        name = uname("llm-client"), prices = { ["gpt-fake"] = { prompt = 2, completion = 8 } },
+                        policy = { retry = false } }
       metrics.register_llm(client)
-      finally(function() metrics.unregister_llm(client); client:close() end)
       local res = assert(client:chat{ messages = { { role = "user", content = "hello there metrics" } } })
       local usage = res.usage
       local fams = parse_prometheus(metrics.prometheus())
