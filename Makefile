@@ -17,7 +17,8 @@ CFLAGS   ?= $(OPT) -g
 ALL_CFLAGS = $(CFLAGS) $(WARN) -fPIC -D_GNU_SOURCE -DBREAKER_VERSION='"$(VERSION)"' \
              -I$(LUA_INCDIR) $(CURL_CFLAGS)
 LDFLAGS  ?=
-SANFLAGS = -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined
+SANFLAGS = -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined,float-cast-overflow \
+           -fno-sanitize-recover=undefined,float-cast-overflow
 
 BUILD   ?= build
 PREFIX  ?= /usr/local
@@ -61,7 +62,7 @@ test: deps lint specs
 # The specs against an AddressSanitizer + UndefinedBehaviorSanitizer build of
 # the C modules. LuaJIT itself is not instrumented, so the runtime is preloaded.
 asan: deps
-	$(MAKE) BUILD=build-asan CFLAGS='$(SANFLAGS)' LDFLAGS='-fsanitize=address,undefined' build
+	$(MAKE) BUILD=build-asan CFLAGS='$(SANFLAGS)' LDFLAGS='-fsanitize=address,undefined,float-cast-overflow' build
 	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 	LD_PRELOAD="$$($(CC) -print-file-name=libasan.so) $$($(CC) -print-file-name=libubsan.so)" \
 	LUA_PATH='lua/?.lua;lua/?/init.lua;spec/?.lua;;' LUA_CPATH='build-asan/?.so;;' \

@@ -71,6 +71,10 @@ describe("breaker", function()
       { { minimum_calls = -1 }, "minimum_calls" },
       { { consecutive_failures = "five" }, "consecutive_failures" },
       { { probe_timeout = 0 }, "probe_timeout" },
+      { { probe_timeout = 1e10 }, "probe_timeout" },
+      { { open_duration = 2e9, open_duration_max = 3e9 }, "open_duration" },
+      { { slow_call_duration = math.huge }, "slow_call_duration" },
+      { { open_duration_factor = 1e6 }, "open_duration_factor" },
       { { window_type = "time", window_size = 1, window_buckets = 2000 }, "window_buckets" },
       { { on_state_change = "print" }, "on_state_change" },
       { { [1] = 5 }, "keys must be strings" },
@@ -598,6 +602,9 @@ describe("breaker", function()
       assert.has_error(function() b:record(nil, "success", 0) end)
       assert.has_error(function() b:record(p, "success", -1) end)
       assert.has_error(function() b:record(p, "success", 0, -3) end)
+      assert.has_error(function() b:record(0 / 0, "success", 0) end)
+      assert.has_error(function() b:record(-5, "success", 0) end)
+      assert.has_error(function() b:record(p + 0.5, "success", 0) end)
     end)
   end)
 
@@ -656,7 +663,12 @@ describe("breaker", function()
   end)
 
   describe("clock", function()
-    it("advance needs a frozen clock", function()
+    it("refuses a frozen time it cannot represent", function()
+      assert.has_error(function() clock.freeze(1e10) end)
+      assert.has_error(function() clock.freeze(-1) end)
+    end)
+
+        it("advance needs a frozen clock", function()
       clock.unfreeze()
       assert.has_error(function() clock.advance(1) end)
       assert.is_false(clock.frozen())

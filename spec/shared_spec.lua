@@ -218,6 +218,37 @@ describe("breaker.shared", function()
       assert.equal("closed", b:state())
     end)
 
+    it("sees another process's transition inside a compiled allow() loop", function()
+      local r = shared.new(uniq("jit"))
+      local n = uniq("hoist")
+      local b = breaker.new(n, { window_size = 10 }, { shared = r })
+      local pid = C.fork()
+      if pid == 0 then
+        breaker.clock.sleep(0.05)
+        pcall(function() breaker.get(n):force_open() end)
+        C._exit(0)
+      end
+      local rejected_after
+      for i = 1, 5e8 do                 -- a tight loop the JIT compiles
+        if not b:allow() then rejected_after = i; break end
+      end
+      C.waitpid(pid, ffi.new("int[1]"), 0)
+      assert.truthy(rejected_after, "allow() never saw the other process force the breaker open")
+      assert.equal("forced_open", b:state())
+    end)
+
+    it("takes the lock over from a holder that exited but is not reaped yet", function()
+      local word = ffi.new("uint32_t[1]")
+      local pid = C.fork()
+      if pid == 0 then C._exit(0) end
+      breaker.clock.sleep(0.05)          -- the child is a zombie now
+      word[0] = pid
+      core_lib.brk_lock_word(word)
+      assert.equal(C.getpid(), tonumber(word[0]))
+      core_lib.brk_unlock_word(word)
+      C.waitpid(pid, ffi.new("int[1]"), 0)
+    end)
+
     it("takes the lock over from a dead holder", function()
       local word = ffi.new("uint32_t[1]")
       local codes = fork_each(1, function() C._exit(0) end)
@@ -236,6 +267,22 @@ describe("breaker.shared", function()
   end)
 
   describe("across separate processes (named region)", function()
+    it("reports a region its maker never initialised, and names the way out", function()
+      local name = uniq("stale")
+      local f = assert(io.open("/dev/shm/breaker." .. name, "wb"))
+      f:write(string.rep("\0", 65536))   -- the size is there, the header never was
+      f:close()
+      local r, err = shared.open(name)
+      assert.is_nil(r)
+      assert.matches("never initialised", err)
+      assert.matches("unlink", err)
+      assert.truthy(shared.unlink(name))
+      local r2, created = assert(shared.open(name, { capacity = 2 }))
+      assert.is_true(created)
+      assert.equal(2, r2:info().capacity)
+      assert.truthy(shared.unlink(name))
+    end)
+
     it("shares one breaker between processes that open the same name", function()
       local name = uniq("named")
       local region, created = assert(shared.open(name, { capacity = 8 }))

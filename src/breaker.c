@@ -8,10 +8,12 @@
 #include "breaker.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <math.h>
 #include <pthread.h>
 #include <sched.h>
 #include <signal.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -20,6 +22,9 @@
 #define BRK_MAGIC 0x42524b31u /* "BRK1" */
 #define BRK_F_SHARED 0x1u
 #define NS 1000000000.0
+/* Durations and clock values are kept in int64 nanoseconds: at most 1e9 s
+ * (31 years) each, so sums of two stay far from overflow. */
+#define MAX_SECONDS 1e9
 
 /* Count-window slot: one byte per outcome. */
 #define SLOT_USED 0x01
@@ -133,6 +138,8 @@ double brk_now_precise(void)
 
 void brk_clock_set(int frozen, double seconds)
 {
+	if (!(seconds >= 0 && seconds <= MAX_SECONDS))
+		seconds = 0; /* the binding checks the range; stay defined anyway */
 	clock_frozen_ns = (int64_t)llround(seconds * NS);
 	clock_frozen = frozen != 0;
 }
@@ -187,7 +194,7 @@ static int bad_rate(double r)
 
 static int bad_duration(double d)
 {
-	return !(d >= 0) || isinf(d);
+	return !(d >= 0 && d <= MAX_SECONDS);
 }
 
 const char *brk_config_check(const brk_config *c)
@@ -212,19 +219,19 @@ const char *brk_config_check(const brk_config *c)
 	if (bad_rate(c->slow_call_rate_threshold))
 		return "slow_call_rate_threshold: expected a percentage in (0, 100] or false";
 	if (bad_duration(c->slow_call_duration) || c->slow_call_duration <= 0)
-		return "slow_call_duration: expected seconds > 0";
+		return "slow_call_duration: expected seconds in (0, 1e9]";
 	if (c->half_open_calls < 1 || c->half_open_calls > 1000000)
 		return "half_open_calls: expected an integer in [1, 1000000]";
 	if (bad_duration(c->open_duration))
-		return "open_duration: expected seconds >= 0";
-	if (!(c->open_duration_factor >= 1) || isinf(c->open_duration_factor))
-		return "open_duration_factor: expected a number >= 1";
+		return "open_duration: expected seconds in [0, 1e9]";
+	if (!(c->open_duration_factor >= 1 && c->open_duration_factor <= 1000))
+		return "open_duration_factor: expected a number in [1, 1000]";
 	if (bad_duration(c->open_duration_max) || c->open_duration_max < c->open_duration)
-		return "open_duration_max: expected seconds >= open_duration";
+		return "open_duration_max: expected seconds in [open_duration, 1e9]";
 	if (!(c->open_duration_jitter >= 0 && c->open_duration_jitter < 1))
 		return "open_duration_jitter: expected a fraction in [0, 1)";
 	if (bad_duration(c->probe_timeout) || c->probe_timeout <= 0)
-		return "probe_timeout: expected seconds > 0";
+		return "probe_timeout: expected seconds in (0, 1e9]";
 	return NULL;
 }
 
@@ -510,10 +517,11 @@ static void go_open(brk_t *b, int reason, double retry_after, int64_t now)
 	}
 	if (retry_after > d)
 		d = retry_after;
-	if (d > 1e9)
-		d = 1e9;
+	if (!(d <= MAX_SECONDS))
+		d = MAX_SECONDS;
 	transition(b, BRK_OPEN, reason, now);
 	b->open_ns = (int64_t)(d * NS);
+	/* now < 1e9 s (brk_clock_set and the real clock), so this cannot overflow */
 	b->open_until = now + b->open_ns;
 	b->opened++;
 }
@@ -898,6 +906,29 @@ static inline uint32_t self_pid(void)
 	return me ? me : self_pid_slow();
 }
 
+/* Whether process pid still runs. A zombie (exited, not yet reaped) does
+ * not: kill() alone would call it alive and make its lock wait for the reap. */
+static int process_alive(uint32_t pid)
+{
+	char path[48], buf[256];
+	const char *p;
+	ssize_t n;
+	int fd;
+	if (kill((pid_t)pid, 0) != 0 && errno == ESRCH)
+		return 0;
+	snprintf(path, sizeof(path), "/proc/%u/stat", (unsigned)pid);
+	fd = open(path, O_RDONLY);
+	if (fd < 0)
+		return 1; /* no /proc: trust kill() */
+	n = read(fd, buf, sizeof(buf) - 1);
+	close(fd);
+	if (n <= 0)
+		return 1;
+	buf[n] = '\0';
+	p = strrchr(buf, ')'); /* the state follows the command name */
+	return !(p && p[1] == ' ' && (p[2] == 'Z' || p[2] == 'X'));
+}
+
 static __attribute__((noinline)) void lock_contended(uint32_t *word, uint32_t me)
 {
 	unsigned spins = 0;
@@ -912,7 +943,7 @@ static __attribute__((noinline)) void lock_contended(uint32_t *word, uint32_t me
 			continue;
 		}
 		spins = 0;
-		if (holder != me && kill((pid_t)holder, 0) != 0 && errno == ESRCH &&
+		if (holder != me && !process_alive(holder) &&
 		    __atomic_compare_exchange_n(word, &holder, me, 0, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
 			return; /* the holder died inside its critical section */
 		sched_yield();

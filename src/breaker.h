@@ -8,6 +8,11 @@
  *
  * Time is a monotonic clock in nanoseconds (CLOCK_MONOTONIC_COARSE for
  * state timers and window buckets). Tests can freeze it with brk_clock_set().
+ *
+ * Threads: a private breaker (brk_new) takes no lock; use it from one thread
+ * at a time (one Lua state). A shared breaker (in a region, shm.h) takes
+ * its own lock in every call and may be used from any process or thread.
+ * The frozen test clock is process-wide and meant for single-threaded tests.
  */
 #ifndef BREAKER_H
 #define BREAKER_H

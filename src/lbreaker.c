@@ -283,8 +283,8 @@ static int l_clock_set(lua_State *L)
 {
 	int frozen = lua_toboolean(L, 1);
 	double t = luaL_optnumber(L, 2, 0);
-	if (frozen && !(t >= 0 && t < 1e12))
-		return luaL_argerror(L, 2, "expected seconds in [0, 1e12)");
+	if (frozen && !(t >= 0 && t <= 1e9))
+		return luaL_argerror(L, 2, "expected seconds in [0, 1e9]");
 	brk_clock_set(frozen, t);
 	return 0;
 }
@@ -424,7 +424,11 @@ static int m_stats(lua_State *L)
 static int m_transitions(lua_State *L)
 {
 	brk_t *b = check_breaker(L, 1);
-	uint32_t since = (uint32_t)luaL_optnumber(L, 2, 0);
+	double d = luaL_optnumber(L, 2, 0);
+	uint32_t since;
+	if (!(d >= 0 && d <= 4294967295.0))
+		return luaL_argerror(L, 2, "expected a generation in [0, 2^32)");
+	since = (uint32_t)d;
 	brk_transition t[BRK_LOG_SIZE];
 	int i, n = brk_transitions(b, since, t, BRK_LOG_SIZE);
 	lua_createtable(L, n, 0);

@@ -86,6 +86,16 @@ static size_t block_bytes(const brk_region_opts *o)
 	return ((a > b ? a : b) + 7) & ~(size_t)7;
 }
 
+/* The smallest block any slot must hold (a count window of one outcome). */
+static size_t block_bytes_min(void)
+{
+	brk_region_opts o;
+	brk_region_opts_default(&o);
+	o.max_window = 1;
+	o.max_buckets = 1;
+	return block_bytes(&o);
+}
+
 static size_t layout_bytes(const brk_region_opts *o, size_t *slot_bytes)
 {
 	*slot_bytes = SLOT_HDR_BYTES + block_bytes(o);
@@ -180,16 +190,14 @@ static int shm_path(const char *name, char *buf, size_t len)
 	return 0;
 }
 
+static brk_region *named_open_locked(const char *name, const char *path, const brk_region_opts *o,
+				     int *created, const char **err);
+
 brk_region *brk_region_named(const char *name, const brk_region_opts *o, int *created,
 			     const char **err)
 {
 	char path[BRK_REGION_NAME_MAX + 16];
-	size_t slot_bytes, total;
-	struct stat st;
 	brk_region *r;
-	region_header *h;
-	void *m;
-	int fd, i;
 	const char *msg = check_opts(o);
 
 	*created = 0;
@@ -201,14 +209,27 @@ brk_region *brk_region_named(const char *name, const brk_region_opts *o, int *cr
 		*err = "name: expected 1 to 200 bytes without '/'";
 		return NULL;
 	}
+	/* One lock over the lookup and the insert: two threads opening the
+	 * same name get one mapping. */
 	pthread_mutex_lock(&anon_mutex);
-	for (r = anon_list; r; r = r->next) {
-		if (r->named && strcmp(r->name, name) == 0) {
-			pthread_mutex_unlock(&anon_mutex);
-			return r; /* this process has it mapped already */
-		}
-	}
+	r = named_open_locked(name, path, o, created, err);
 	pthread_mutex_unlock(&anon_mutex);
+	return r;
+}
+
+static brk_region *named_open_locked(const char *name, const char *path, const brk_region_opts *o,
+				     int *created, const char **err)
+{
+	size_t slot_bytes, total;
+	struct stat st;
+	brk_region *r;
+	region_header *h;
+	void *m;
+	int fd, i;
+
+	for (r = anon_list; r; r = r->next)
+		if (r->named && strcmp(r->name, name) == 0)
+			return r; /* this process has it mapped already */
 	total = layout_bytes(o, &slot_bytes);
 	fd = shm_open(path, O_RDWR | O_CREAT | O_EXCL, 0600);
 	if (fd >= 0) {
@@ -253,9 +274,18 @@ brk_region *brk_region_named(const char *name, const brk_region_opts *o, int *cr
 	} else {
 		for (i = 0; i < 2000 && !__atomic_load_n(&h->ready, __ATOMIC_ACQUIRE); i++)
 			usleep(1000);
-		if (!h->ready || h->magic != REGION_MAGIC || h->layout != REGION_LAYOUT ||
-		    h->total_bytes != total ||
-		    REGION_HDR_BYTES + (size_t)h->capacity * h->slot_bytes > total) {
+		if (!h->ready) {
+			munmap(m, total);
+			*err = "the existing region was never initialised (its maker died?); "
+			       "remove it with breaker.shared.unlink(name)";
+			return NULL;
+		}
+		/* Bounds first, so the size product below cannot wrap. */
+		if (h->magic != REGION_MAGIC || h->layout != REGION_LAYOUT ||
+		    h->total_bytes != total || h->capacity < 1 || h->capacity > 1000000 ||
+		    h->slot_bytes < SLOT_HDR_BYTES + block_bytes_min() || h->slot_bytes > ((uint64_t)1 << 30) ||
+		    REGION_HDR_BYTES + (uint64_t)h->capacity * h->slot_bytes > total ||
+		    check_opts(&h->opts) != NULL) {
 			munmap(m, total);
 			*err = "the existing region is not a breaker region of this version";
 			return NULL;
@@ -271,10 +301,8 @@ brk_region *brk_region_named(const char *name, const brk_region_opts *o, int *cr
 	r->bytes = total;
 	r->named = 1;
 	strcpy(r->name, name);
-	pthread_mutex_lock(&anon_mutex);
 	r->next = anon_list;
 	anon_list = r;
-	pthread_mutex_unlock(&anon_mutex);
 	return r;
 }
 
@@ -355,6 +383,12 @@ brk_t *brk_region_breaker(brk_region *r, const char *name, const brk_config *cfg
 
 	brk_lock_word(&r->h->lock);
 	b = find_locked(r, name, len);
+	if (b && (!brk_check_block(b, r->h->slot_bytes - SLOT_HDR_BYTES) ||
+		  brk_config_check(brk_get_config(b)) != NULL)) {
+		brk_unlock_word(&r->h->lock);
+		snprintf(errbuf, errlen, "breaker '%s': its slot in the region is corrupted", name);
+		return NULL;
+	}
 	if (b) {
 		brk_unlock_word(&r->h->lock);
 		diff = config_diff(brk_get_config(b), cfg);

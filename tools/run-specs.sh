@@ -37,6 +37,15 @@ suite luajit-ffi "$LUAJIT" "$BUSTED" -o utfTerminal spec
 suite luajit-classic env BREAKER_NO_FFI=1 "$LUAJIT" "$BUSTED" -o utfTerminal spec/breaker_spec.lua spec/version_spec.lua
 suite lua51-classic "$LUA51" "$BUSTED" -o utfTerminal spec/breaker_spec.lua
 
+# Every server a spec starts must be stopped by its pid: one still running
+# under this checkout's spec/tmp is a failure (and is stopped here).
+left=$(pgrep -f "nginx: master process nginx -p $(pwd)/spec/tmp" || true)
+if [ -n "$left" ]; then
+  echo "servers left running by the specs (pids $left): stopping them"
+  kill $left 2>/dev/null || true
+  failed=$((failed + 1)); status=1
+fi
+
 echo
 echo "$passed passed, $failed failed"
 exit $status

@@ -204,8 +204,11 @@ if C then
     -- brk_allow would (generation * 4 + 1), and no C call is made. The
     -- generation is read before the state: if another process moves a
     -- shared breaker in between, the permit is merely stale (counted late).
+    -- Only for a private breaker: inside a compiled loop LuaJIT may hoist
+    -- these loads, and a shared breaker's state changes behind its back
+    -- (another process); a shared breaker always asks C, which locks.
     local g = h.gen
-    if g == self._gen and h.state == 0 then return g * 4 + 1 end
+    if self._private and g == self._gen and h.state == 0 then return g * 4 + 1 end
     local p = C.brk_allow(self._p)
     if h.gen ~= self._gen then notice(self) end
     if p > 0 then return p end
@@ -219,8 +222,8 @@ if C then
       error("record: outcome must be \"success\", \"failure\" or \"ignored\", got "
             .. tostring(outcome), 2)
     end
-    if type(permit) ~= "number" then
-      error("record: expected the permit returned by allow(), got " .. type(permit), 2)
+    if type(permit) ~= "number" or not (permit > 0) or permit % 1 ~= 0 then
+      error("record: expected the permit returned by allow(), got " .. tostring(permit), 2)
     end
     latency = latency or 0
     if type(latency) ~= "number" or not (latency >= 0) then
@@ -251,8 +254,8 @@ else
   end
 
   record = function(self, permit, outcome, latency, retry_after)
-    if type(permit) ~= "number" then
-      error("record: expected the permit returned by allow(), got " .. type(permit), 2)
+    if type(permit) ~= "number" or not (permit > 0) or permit % 1 ~= 0 then
+      error("record: expected the permit returned by allow(), got " .. tostring(permit), 2)
     end
     if OUTCOMES[outcome] == nil then
       error("record: outcome must be \"success\", \"failure\" or \"ignored\", got "
@@ -417,6 +420,7 @@ function _M.new(name, config, opts)
     _on_change = extra.on_state_change,
     _msg = open_messages(name),
     shared = region,
+    _private = region == nil,
   }, mt)
   if ffi then
     self._p = ffi.cast("struct breaker_block *", ud:pointer())
