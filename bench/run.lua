@@ -9,6 +9,7 @@ for _, s in ipairs(scripts) do
   if f then
     f:close()
     print(("=== %s"):format(s))
+    io.stdout:flush()
     local ok = os.execute(interp .. " " .. s)
     if ok ~= true and ok ~= 0 then failed = failed + 1 end
     print()

@@ -490,18 +490,22 @@ static uint64_t seed(void)
 static void transition(brk_t *b, int to, int reason, int64_t now)
 {
 	brk_transition *t = &b->log[b->log_next % BRK_LOG_SIZE];
-	b->gen++;
-	t->gen = b->gen;
+	uint32_t gen = b->gen + 1;
+	t->gen = gen;
 	t->from = (uint8_t)b->state;
 	t->to = (uint8_t)to;
 	t->reason = (uint8_t)reason;
 	t->pad = 0;
 	t->at = (double)now / NS;
 	b->log_next++;
-	b->state = to;
 	b->state_since = now;
 	b->transitions++;
 	b->probes_granted = b->probes_succeeded = 0;
+	/* The state first, then the generation (release): a lock-free reader
+	 * of a shared block reads the generation first (acquire), so a new
+	 * generation always comes with its new state. */
+	__atomic_store_n(&b->state, (int32_t)to, __ATOMIC_RELAXED);
+	__atomic_store_n(&b->gen, gen, __ATOMIC_RELEASE);
 }
 
 /* Opens the breaker; level 0 is the first open after closed. */
@@ -969,8 +973,15 @@ void brk_unlock_word(uint32_t *word)
 double brk_allow(brk_t *b)
 {
 	double r;
+	uint32_t g;
 	if (!LOCKED(b))
 		return allow_nl(b);
+	/* Closed admits without side effects, so no lock is needed: read the
+	 * generation, then the state. If the state moved in between, the
+	 * permit is merely stale and its result counts as late. */
+	g = __atomic_load_n(&b->gen, __ATOMIC_ACQUIRE);
+	if (__atomic_load_n(&b->state, __ATOMIC_ACQUIRE) == BRK_CLOSED)
+		return (double)g * 4.0 + PERMIT_CLOSED;
 	brk_lock_word(&b->lock);
 	r = allow_nl(b);
 	brk_unlock_word(&b->lock);
