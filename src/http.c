@@ -239,7 +239,7 @@ static void opt_write_fn(http_request *r, CURLoption o, curl_write_callback v)
  * ---------------------------------------------------------------------- */
 
 /* RFC 9110 token (header names, methods): 1 when s[0, len) is one. */
-static int is_token(const char *s, size_t len)
+int http_is_token(const char *s, size_t len)
 {
 	size_t i;
 	if (len == 0)
@@ -515,11 +515,11 @@ static int add_line(struct curl_slist **list, const char *line)
 static int spec_is_valid(const http_request_spec *spec)
 {
 	size_t i;
-	if (spec->method != NULL && !is_token(spec->method, strlen(spec->method)))
+	if (spec->method != NULL && !http_is_token(spec->method, strlen(spec->method)))
 		return 0;
 	for (i = 0; i < spec->nheaders; i++) {
 		const http_header *h = &spec->headers[i];
-		if (!is_token(h->name, h->name_len) || !is_field_value(h->value, h->value_len))
+		if (!http_is_token(h->name, h->name_len) || !is_field_value(h->value, h->value_len))
 			return 0;
 	}
 	return 1;

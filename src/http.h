@@ -136,4 +136,8 @@ int http_parse_retry_after_ms(const char *s, size_t len, double *out);
 /* Largest Retry-After accepted: anything bigger is treated as garbage. */
 #define HTTP_RETRY_AFTER_MAX 2147483647.0
 
+/* 1 when s[0, len) is a non-empty HTTP token (RFC 9110): a valid method or
+ * header name. Shared by the C API's checks and the Lua binding's. */
+int http_is_token(const char *s, size_t len);
+
 #endif

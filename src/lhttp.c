@@ -181,23 +181,6 @@ static int has_crlf_nul(const char *s, size_t len)
 	return 0;
 }
 
-/* RFC 9110 token characters (header names, methods). */
-static int is_token(const char *s, size_t len)
-{
-	size_t i;
-	if (len == 0)
-		return 0;
-	for (i = 0; i < len; i++) {
-		unsigned char ch = (unsigned char)s[i];
-		if ((ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') ||
-		    (ch >= '0' && ch <= '9'))
-			continue;
-		if (ch == 0 || strchr("!#$%&'*+-.^_`|~", ch) == NULL)
-			return 0;
-	}
-	return 1;
-}
-
 /* http:// or https:// followed by a non-empty rest without spaces or
  * control characters. */
 static int is_http_url(const char *s, size_t len)
@@ -435,7 +418,7 @@ static void read_headers(lua_State *L, transport *t, run_ctx *ctx, size_t *used,
 			throw(L, "%s.headers: names must be strings, got a %s", what,
 			      luaL_typename(L, -2));
 		name = lua_tolstring(L, -2, &nlen);
-		if (!is_token(name, nlen) || nlen > 255)
+		if (!http_is_token(name, nlen) || nlen > 255)
 			throw(L, "%s.headers: invalid header name (empty, too long, or with "
 			      "characters such as CR, LF, NUL, ':' or space)", what);
 		if (lua_type(L, -1) != LUA_TSTRING && lua_type(L, -1) != LUA_TNUMBER)
@@ -510,7 +493,7 @@ static void read_request(lua_State *L, transport *t, int idx, run_ctx *ctx, size
 		if (lua_type(L, -1) != LUA_TSTRING)
 			throw(L, "%s.method must be a string, got a %s", what, luaL_typename(L, -1));
 		s = lua_tolstring(L, -1, &len);
-		if (!is_token(s, len) || len > 32)
+		if (!http_is_token(s, len) || len > 32)
 			throw(L, "%s.method must be an HTTP method token", what);
 		q->spec.method = s;
 		found++;
