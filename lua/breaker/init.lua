@@ -18,6 +18,7 @@ local ev_on, emit = events.active, events.emit
 local type, pairs, ipairs, pcall, select, setmetatable, tostring, error =
       type, pairs, ipairs, pcall, select, setmetatable, tostring, error
 
+local floor = math.floor
 local VERSION = require "breaker.version"
 
 local _M = { _VERSION = VERSION }
@@ -222,7 +223,8 @@ if C then
       error("record: outcome must be \"success\", \"failure\" or \"ignored\", got "
             .. tostring(outcome), 2)
     end
-    if type(permit) ~= "number" or not (permit > 0) or permit % 1 ~= 0 then
+    -- (floor, not `% 1`: the modulo compiles to a division on the hot path)
+    if type(permit) ~= "number" or not (permit > 0) or floor(permit) ~= permit then
       error("record: expected the permit returned by allow(), got " .. tostring(permit), 2)
     end
     latency = latency or 0
