@@ -482,7 +482,7 @@ local function build_snapshot(opts)
 end
 
 -- metrics.snapshot([opts]) -> the table metrics.json() encodes (see
--- docs/metrics.md). opts.llm: a list of breaker.llm clients to include
+-- the README, "Seeing the breakers"). opts.llm: a list of breaker.llm clients to include
 -- besides the registered ones.
 function _M.snapshot(opts)
   return build_snapshot(check_opts(opts, "breaker.metrics.snapshot"))
