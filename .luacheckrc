@@ -7,3 +7,5 @@ files["spec"] = { std = "+busted" }
 files["spec/support"] = { globals = { "ngx" } }
 files["examples"] = { globals = { "ngx" } }
 exclude_files = { "build", "build-asan", "spec/tmp", "node_modules" }
+-- plain output: CI logs and tools read it
+color = false
