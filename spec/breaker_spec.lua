@@ -521,6 +521,25 @@ describe("breaker", function()
       assert.equal(2, st.late)
       assert.is_true(st.generation > gen)
     end)
+
+    it("only a probe permit's result counts while half-open", function()
+      -- A closed permit of the half-open generation can only come from a
+      -- reader that saw the generation and the state out of order; it must
+      -- neither close nor re-open the breaker.
+      local b = breaker.new(name(), { window_size = 1, minimum_calls = 1, open_duration = 5,
+                                      half_open_calls = 1 })
+      b:record(b:allow(), "failure", 0.01)
+      clock.advance(5)
+      local probe = b:allow()
+      assert.equal("half_open", b:state())
+      local forged = b:stats().generation * 4 + 1
+      b:record(forged, "success", 0.01)
+      b:record(forged, "failure", 0.01)
+      assert.equal("half_open", b:state())
+      assert.equal(2, b:stats().late)
+      b:record(probe, "success", 0.01)
+      assert.equal("closed", b:state())
+    end)
   end)
 
   describe("operator calls", function()

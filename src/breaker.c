@@ -662,7 +662,8 @@ static double allow_nl(brk_t *b)
 }
 
 /* Everything but the fast path of brk_record. */
-static void record_slow(brk_t *b, double permit, int outcome, double latency, double retry_after)
+static __attribute__((noinline)) void
+record_slow(brk_t *b, double permit, int outcome, double latency, double retry_after)
 {
 	int64_t pi;
 	int kind;
@@ -720,6 +721,15 @@ static void record_slow(brk_t *b, double permit, int outcome, double latency, do
 		b->consec_failures = failed ? b->consec_failures + 1 : 0;
 		break;
 	case BRK_HALF_OPEN:
+		/* Only a probe permit speaks for a half-open breaker. (A closed
+		 * permit of this generation can only come from a caller that
+		 * read the generation and the state out of order.) */
+		if (kind != PERMIT_PROBE) {
+			b->total_calls--;
+			b->total_failures -= (uint64_t)failed;
+			window_side(b, SIDE_LATE, now);
+			break;
+		}
 		b->probe_progress = now;
 		if (failed) {
 			b->reopen_level++;
@@ -736,42 +746,43 @@ static void record_slow(brk_t *b, double permit, int outcome, double latency, do
 	}
 }
 
-static void record_nl(brk_t *b, double permit, int outcome, double latency, double retry_after)
+/* Fast path of brk_record, the common case: a fast success under a current
+ * closed permit. Returns 0 when the call needs record_slow. Inlined into
+ * brk_record: no rule is checked (a fast success cannot raise a rate unless
+ * it brings the window up to minimum_calls, or old time buckets expire,
+ * both left to record_slow), the count-window update is branch-free and
+ * nothing is called on the way but the clock (time window) and, rarely,
+ * the histogram decay. */
+static inline __attribute__((always_inline)) int
+record_fast(brk_t *b, double permit, int outcome, double latency)
 {
-	/* Fast path, the common case: a fast success under a current closed
-	 * permit. It is kept small (no saved registers), the count-window
-	 * update is branch-free, and no rule is checked: a fast success cannot
-	 * raise a rate unless it brings the window up to minimum_calls (or old
-	 * time buckets expire, which the fast path leaves to record_slow). */
-	if (permit > 0 && permit < 9007199254740992.0 &&
-	    (uint32_t)((int64_t)permit >> 2) == b->gen &&
-	    (b->state | outcome) == 0 &&
-	    latency >= 0 && latency < b->cfg.slow_call_duration &&
-	    b->w_calls != b->cfg.minimum_calls - 1) {
-		if (b->cfg.window_type == BRK_WINDOW_COUNT) {
-			uint32_t pos = b->pos;
-			uint8_t old = b->window[pos];
-			b->window[pos] = SLOT_USED;
-			b->w_calls += (uint32_t)(~old & SLOT_USED);
-			b->w_failures -= (uint32_t)((old >> 1) & 1);
-			b->w_slow -= (uint32_t)((old >> 2) & 1);
-			pos++;
-			b->pos = pos == b->cfg.window_size ? 0 : pos;
-		} else {
-			/* Time window: only while the head bucket is current, so
-			 * no bucket expires here. */
-			if (now_coarse_ns() >= b->head_end)
-				goto slow;
-			buckets(b)[b->head_slot].calls++;
-			b->w_calls++;
-		}
-		b->consec_failures = 0;
-		b->total_calls++;
-		hist_add(b, latency);
-		return;
+	if (!(permit > 0 && permit < 9007199254740992.0 &&
+	      (uint32_t)((int64_t)permit >> 2) == b->gen &&
+	      (b->state | outcome) == 0 &&
+	      latency >= 0 && latency < b->cfg.slow_call_duration &&
+	      b->w_calls != b->cfg.minimum_calls - 1))
+		return 0;
+	if (b->cfg.window_type == BRK_WINDOW_COUNT) {
+		uint32_t pos = b->pos;
+		uint8_t old = b->window[pos];
+		b->window[pos] = SLOT_USED;
+		b->w_calls += (uint32_t)(~old & SLOT_USED);
+		b->w_failures -= (uint32_t)((old >> 1) & 1);
+		b->w_slow -= (uint32_t)((old >> 2) & 1);
+		pos++;
+		b->pos = pos == b->cfg.window_size ? 0 : pos;
+	} else {
+		/* Time window: only while the head bucket is current, so no
+		 * bucket expires here. */
+		if (now_coarse_ns() >= b->head_end)
+			return 0;
+		buckets(b)[b->head_slot].calls++;
+		b->w_calls++;
 	}
-slow:
-	record_slow(b, permit, outcome, latency, retry_after);
+	b->consec_failures = 0;
+	b->total_calls++;
+	hist_add(b, latency);
+	return 1;
 }
 
 uint32_t brk_generation(const brk_t *b)
@@ -991,11 +1002,13 @@ double brk_allow(brk_t *b)
 void brk_record(brk_t *b, double permit, int outcome, double latency, double retry_after)
 {
 	if (!LOCKED(b)) {
-		record_nl(b, permit, outcome, latency, retry_after);
+		if (!record_fast(b, permit, outcome, latency))
+			record_slow(b, permit, outcome, latency, retry_after);
 		return;
 	}
 	brk_lock_word(&b->lock);
-	record_nl(b, permit, outcome, latency, retry_after);
+	if (!record_fast(b, permit, outcome, latency))
+		record_slow(b, permit, outcome, latency, retry_after);
 	brk_unlock_word(&b->lock);
 }
 

@@ -198,18 +198,35 @@ end
 
 local allow, record, state
 
+-- Shared breakers also take the inline closed allow where aligned loads
+-- keep their program order (x86, x64); elsewhere they ask C, which uses
+-- acquire loads.
+local inline_shared = ffi and jit and (jit.arch == "x64" or jit.arch == "x86") or false
+
+-- A store through a pointer LuaJIT cannot tell apart from the breaker's
+-- head, made after the loads. Inside a compiled loop with no C call (say,
+-- one that polls allow() until another process opens the breaker), LuaJIT
+-- would otherwise load the state and generation once before the loop and
+-- never again; the store makes the next round load them afresh. (LuaJIT
+-- ignores `volatile` on FFI loads; spec/shared_spec.lua checks this.)
+local load_fence = ffi and ffi.new("uint32_t[1]")
+
 if C then
   allow = function(self)
     local h = self._h
     -- Closed admits without side effects: the permit is computed here, as
     -- brk_allow would (generation * 4 + 1), and no C call is made. The
-    -- generation is read before the state: if another process moves a
-    -- shared breaker in between, the permit is merely stale (counted late).
-    -- Only for a private breaker: inside a compiled loop LuaJIT may hoist
-    -- these loads, and a shared breaker's state changes behind its back
-    -- (another process); a shared breaker always asks C, which locks.
-    local g = h.gen
-    if self._private and g == self._gen and h.state == 0 then return g * 4 + 1 end
+    -- generation is read before the state (a transition publishes the
+    -- state first): if another process moves a shared breaker in between,
+    -- the permit is merely stale and its result counts as late. C also
+    -- refuses a closed permit's result while half-open, so no ordering
+    -- slip can pass for a probe.
+    if self._inline then
+      local g = h.gen
+      local st = h.state
+      load_fence[0] = g
+      if g == self._gen and st == 0 then return g * 4 + 1 end
+    end
     local p = C.brk_allow(self._p)
     if h.gen ~= self._gen then notice(self) end
     if p > 0 then return p end
@@ -422,7 +439,7 @@ function _M.new(name, config, opts)
     _on_change = extra.on_state_change,
     _msg = open_messages(name),
     shared = region,
-    _private = region == nil,
+    _inline = region == nil or inline_shared,
   }, mt)
   if ffi then
     self._p = ffi.cast("struct breaker_block *", ud:pointer())
