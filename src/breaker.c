@@ -641,7 +641,7 @@ static double allow_nl(brk_t *b)
 	case BRK_OPEN:
 		now = now_coarse_ns();
 		if (now < b->open_until)
-			return reject(b, (double)(b->open_until - now) / NS, now);
+			return reject(b, (double)(b->open_until - now) * (1.0 / NS), now);
 		go_half_open(b, BRK_R_OPEN_ELAPSED, now);
 		break;
 	default: /* BRK_HALF_OPEN */
