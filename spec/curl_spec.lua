@@ -159,6 +159,10 @@ describe("breaker.curl", function()
       local tt = curl.new{ user_agent = "my-app/2.0" }
       local e = cjson.decode(assert(tt:request{ url = up.url .. "/echo" }).body)
       assert.are.equal("my-app/2.0", e.headers["user-agent"])
+      -- a request's own User-Agent wins, and only one is sent
+      e = cjson.decode(assert(tt:request{ url = up.url .. "/echo",
+                                          headers = { ["User-Agent"] = "per-request/1" } }).body)
+      assert.are.equal("per-request/1", e.headers["user-agent"])
       tt:close()
       tt = curl.new{ user_agent = false }
       e = cjson.decode(assert(tt:request{ url = up.url .. "/echo" }).body)

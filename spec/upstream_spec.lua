@@ -221,6 +221,17 @@ describe("fake upstream", function()
       assert.are.equal("/v1/chat/completions", last.path)
       assert.are.equal("remember me", cjson.decode(last.body).messages[2].content)
       assert.are.equal("Bearer " .. KEY, last.headers.authorization)
+      assert.are.equal("application/json", last.headers["content-type"])
+    end)
+
+    it("remembers a body with blank lines and a path with odd bytes exactly", function()
+      local body = "line one\r\n\r\nHost: not-a-header\r\n\r\n\0tail"
+      call("/v1/odd%0Apath", { body = body })
+      local last = up:last_request()
+      assert.are.equal("/v1/odd\npath", last.path)
+      assert.are.equal(body, last.body)
+      assert.is_nil(last.headers["not-a-header"])
+      assert.are.equal("Bearer " .. KEY, last.headers.authorization)
     end)
   end)
 

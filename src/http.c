@@ -69,7 +69,7 @@ struct http_client {
 	int verify_tls;
 	char *ca_file;            /* owned copies, or NULL */
 	char *ca_path;
-	char *user_agent;
+	char *ua_line;                /* "User-Agent: ..." request header line, or NULL */
 };
 
 struct http_request {
@@ -308,7 +308,16 @@ http_client *http_client_new(const http_client_config *cfg, char *err, size_t er
 	c->verify_tls = cfg->verify_tls;
 	c->ca_file = dup_or_null(cfg->ca_file, &failed);
 	c->ca_path = dup_or_null(cfg->ca_path, &failed);
-	c->user_agent = dup_or_null(cfg->user_agent, &failed);
+	/* Sent as a header line of our own rather than CURLOPT_USERAGENT, which
+	 * curl formats anew for every request. */
+	if (cfg->user_agent != NULL && !failed) {
+		size_t n = strlen(cfg->user_agent) + sizeof("User-Agent: ");
+		c->ua_line = malloc(n);
+		if (c->ua_line == NULL)
+			failed = 1;
+		else
+			snprintf(c->ua_line, n, "User-Agent: %s", cfg->user_agent);
+	}
 	c->multi = failed ? NULL : curl_multi_init();
 	if (c->multi == NULL) {
 		snprintf(err, errlen, failed ? "out of memory" : "curl_multi_init failed");
@@ -333,7 +342,7 @@ void http_client_free(http_client *c)
 		curl_multi_cleanup(c->multi);
 	free(c->ca_file);
 	free(c->ca_path);
-	free(c->user_agent);
+	free(c->ua_line);
 	free(c);
 }
 
@@ -526,15 +535,16 @@ static int spec_is_valid(const http_request_spec *spec)
 }
 
 /* Builds r's request header list from the spec. Returns 0 or -1. */
-static int build_headers(http_request *r, const http_request_spec *spec)
+static int build_headers(const http_client *c, http_request *r, const http_request_spec *spec)
 {
 	size_t i;
-	int has_expect = 0, has_type = 0;
+	int has_expect = 0, has_type = 0, has_agent = 0;
 
 	for (i = 0; i < spec->nheaders; i++) {
 		const http_header *h = &spec->headers[i];
 		has_expect |= header_is(h, "expect");
 		has_type |= header_is(h, "content-type");
+		has_agent |= header_is(h, "user-agent");
 		if (add_header(&r->headers, h->name, h->name_len, h->value, h->value_len) != 0)
 			return -1;
 	}
@@ -545,6 +555,9 @@ static int build_headers(http_request *r, const http_request_spec *spec)
 		return -1;
 	if (spec->body != NULL && !has_type &&
 	    add_line(&r->headers, "Content-Type:") != 0)
+		return -1;
+	/* the client's User-Agent, unless the request brings its own */
+	if (c->ua_line != NULL && !has_agent && add_line(&r->headers, c->ua_line) != 0)
 		return -1;
 	return 0;
 }
@@ -567,8 +580,6 @@ static void setup_handle(http_client *c, http_request *r)
 		opt_str(r, CURLOPT_CAINFO, c->ca_file);
 	if (c->ca_path != NULL)
 		opt_str(r, CURLOPT_CAPATH, c->ca_path);
-	if (c->user_agent != NULL)
-		opt_str(r, CURLOPT_USERAGENT, c->user_agent);
 	opt_long(r, CURLOPT_TCP_KEEPALIVE, 1L);
 }
 
@@ -647,7 +658,7 @@ http_request *http_request_new(http_client *c, const http_request_spec *spec)
 		     "invalid method or header (name not a token, or CR, LF or NUL in a value)");
 		return r;
 	}
-	if (build_headers(r, spec) != 0) {
+	if (build_headers(c, r, spec) != 0) {
 		fail(r, HTTP_EOTHER, CURLE_OUT_OF_MEMORY, "out of memory building request headers");
 		return r;
 	}

@@ -14,6 +14,7 @@ local dict = ngx.shared.fake_upstream
 local type, tonumber, tostring, pairs, ipairs = type, tonumber, tostring, pairs, ipairs
 local floor, ceil, min, max = math.floor, math.ceil, math.min, math.max
 local concat, format, rep = table.concat, string.format, string.rep
+local sub, lower = string.sub, string.lower
 
 local _M = {}
 
@@ -147,14 +148,45 @@ local function read_body()
   return ngx.req.get_body_data() or ""
 end
 
+-- The last API request, kept raw (one shared-dict write per request) and
+-- taken apart only when /_control/last_request asks for it: the lengths of
+-- method, path and args on a first line, then those three, then the raw
+-- header block up to its blank line, then the body.
 local function remember_request(body)
-  dict:set("last_request", json_encode({
-    method = ngx.req.get_method(),
-    path = ngx.var.uri,
-    args = ngx.var.args or "",
-    headers = ngx.req.get_headers(100),
-    body = body:sub(1, 65536),
-  }))
+  local method, path, args = ngx.req.get_method(), ngx.var.uri, ngx.var.args or ""
+  dict:set("last_request", concat({ format("%d %d %d\n", #method, #path, #args), method, path, args,
+                                    ngx.req.raw_header(true), sub(body, 1, 65536) }))
+end
+
+-- The remembered request as JSON: method, path, args, headers (names lower
+-- case, a repeated header as a list, as ngx.req.get_headers gives them) and
+-- body; "null" before the first request.
+local function last_request_json()
+  local raw = dict:get("last_request")
+  if not raw then return "null" end
+  local lm, lp, la, pos = raw:match("^(%d+) (%d+) (%d+)\n()")
+  lm, lp, la = tonumber(lm), tonumber(lp), tonumber(la)
+  local method = sub(raw, pos, pos + lm - 1)
+  local path = sub(raw, pos + lm, pos + lm + lp - 1)
+  local args = sub(raw, pos + lm + lp, pos + lm + lp + la - 1)
+  local rest = sub(raw, pos + lm + lp + la)
+  local head_end = rest:find("\r\n\r\n", 1, true)
+  local head = head_end and rest:sub(1, head_end + 1) or rest
+  local body = head_end and rest:sub(head_end + 4) or ""
+  local headers = {}
+  for name, value in head:gmatch("([^:\r\n]+):[ \t]*([^\r\n]*)\r\n") do
+    name = lower(name)
+    value = value:gsub("[ \t]+$", "")
+    local seen = headers[name]
+    if seen == nil then
+      headers[name] = value
+    elseif type(seen) == "table" then
+      seen[#seen + 1] = value
+    else
+      headers[name] = { seen, value }
+    end
+  end
+  return json_encode({ method = method, path = path, args = args, headers = headers, body = body })
 end
 
 -- Timeline: phases by wall-clock time since `tl_start`. Phase i (stored
@@ -211,8 +243,7 @@ end
 -- scenario step, else the timeline's current phase, else nil (behave
 -- normally).
 local function next_fault()
-  local h = ngx.req.get_headers()["x-fake-fault"]
-  if type(h) == "table" then h = h[1] end
+  local h = ngx.var.http_x_fake_fault   -- the first one, if repeated
   if h then return ngx.decode_args(h, 0) end
   local n = dict:get("steps")
   if n and n > 0 then
@@ -620,7 +651,7 @@ function _M.control()
   elseif op == "stats" then
     return send_json(200, stats())
   elseif op == "last_request" then
-    return send_body(200, dict:get("last_request") or "null", "application/json")
+    return send_body(200, last_request_json(), "application/json")
   elseif ngx.req.get_method() ~= "POST" then
     return send_error(405, "control: use POST for " .. tostring(op), "invalid_request_error")
   elseif op == "reset" then
