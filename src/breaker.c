@@ -390,15 +390,15 @@ static void window_side(brk_t *b, enum side_count which, int64_t now)
 static inline int hist_index(double latency)
 {
 	double u = latency * HIST_UNITS_PER_SEC;
-	int64_t v;
-	int k, idx;
-	if (!(u < 1e15))
-		return u >= 1e15 ? BRK_HIST_BUCKETS - 1 : 0; /* huge, or NaN */
-	v = (int64_t)u;
-	if (v < 4)
-		return v > 0 ? (int)v : 0;
-	k = 63 - __builtin_clzll((uint64_t)v);
-	idx = (k - 1) * 4 + (int)((v >> (k - 2)) & 3);
+	uint64_t bits;
+	int idx;
+	if (!(u >= 4.0))
+		return u >= 1.0 ? (int)u : 0; /* 0..3, and 0 for NaN or below 0 */
+	/* u >= 4: the exponent is floor(log2(u)) and the two mantissa bits
+	 * below the leading one pick the quarter, read straight off the bits
+	 * of the double (no conversion to an integer, no bit scan). */
+	memcpy(&bits, &u, sizeof(bits));
+	idx = ((int)((bits >> 52) & 0x7ff) - 1024) * 4 + (int)((bits >> 50) & 3);
 	return idx < BRK_HIST_BUCKETS ? idx : BRK_HIST_BUCKETS - 1;
 }
 
@@ -766,9 +766,14 @@ record_fast(brk_t *b, double permit, int outcome, double latency)
 		uint32_t pos = b->pos;
 		uint8_t old = b->window[pos];
 		b->window[pos] = SLOT_USED;
-		b->w_calls += (uint32_t)(~old & SLOT_USED);
-		b->w_failures -= (uint32_t)((old >> 1) & 1);
-		b->w_slow -= (uint32_t)((old >> 2) & 1);
+		/* Written only when they change: in the steady state (a full
+		 * window of fast successes) none of these is touched, which
+		 * keeps them off the chain of loads that wait on stores. */
+		if (old != SLOT_USED) {
+			b->w_calls += (uint32_t)(~old & SLOT_USED);
+			b->w_failures -= (uint32_t)((old >> 1) & 1);
+			b->w_slow -= (uint32_t)((old >> 2) & 1);
+		}
 		pos++;
 		b->pos = pos == b->cfg.window_size ? 0 : pos;
 	} else {
@@ -779,7 +784,8 @@ record_fast(brk_t *b, double permit, int outcome, double latency)
 		buckets(b)[b->head_slot].calls++;
 		b->w_calls++;
 	}
-	b->consec_failures = 0;
+	if (b->consec_failures != 0)
+		b->consec_failures = 0;
 	b->total_calls++;
 	hist_add(b, latency);
 	return 1;
