@@ -90,6 +90,35 @@ local ok, err = pcall(function()
                stats.calls, stats.total_tokens, stats.models["gpt-fake"].breaker,
                up:stats().requests, up:stats().connections))
   client:close()
+
+  -- The same comparison with 5 ms of server latency (x-fake-fault on both,
+  -- through the client's `headers` option): a provider is never this fast,
+  -- so this is still a floor for what the client costs in real use.
+  local slow = { ["x-fake-fault"] = "fault=slow&delay=0.005" }
+  local sclient = llm.new{ base_url = up.url .. "/v1", api_key = KEY, model = "gpt-fake", timeout = 10,
+                           headers = slow }
+  local sraw = { method = "POST", url = raw_req.url, body = body, timeout = 10, headers = {} }
+  for k, v in pairs(raw_req.headers) do sraw.headers[k] = v end
+  sraw.headers["x-fake-fault"] = slow["x-fake-fault"]
+  local SN = math.max(20, math.floor(N / 30))
+  local function sraw_call()
+    local res = t:request(sraw)
+    if not res or res.status ~= 200 then error("raw request failed") end
+  end
+  local function schat()
+    local res, e = sclient:chat(REQ)
+    if not res then error("client:chat failed: " .. tostring(e)) end
+  end
+  measure(5, sraw_call); measure(5, schat)
+  local sw, scw, sover = {}, {}, {}
+  for r = 1, ROUNDS do
+    sw[r] = measure(SN, sraw_call)
+    scw[r] = measure(SN, schat)
+    sover[r] = (scw[r] - sw[r]) / sw[r] * 100
+  end
+  print(format("  with 5 ms server latency (%d calls x %d rounds): raw %.1f us/call, client:chat %.1f us/call, " ..
+               "overhead %+.1f %%", SN, ROUNDS, median(sw), median(scw), median(sover)))
+  sclient:close()
   t:close()
 end)
 up:stop()
