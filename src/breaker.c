@@ -971,21 +971,33 @@ static __attribute__((noinline)) void lock_contended(uint32_t *word, uint32_t me
 	}
 }
 
-void brk_lock_word(uint32_t *word)
+/* The hot paths below use these inline copies: the exported functions are
+ * reached through the PLT from inside this library. */
+static inline void lock_word(uint32_t *word)
 {
 	uint32_t me = self_pid(), free_word = 0;
 	if (!__atomic_compare_exchange_n(word, &free_word, me, 0, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
 		lock_contended(word, me);
 }
 
-void brk_unlock_word(uint32_t *word)
+static inline void unlock_word(uint32_t *word)
 {
 	__atomic_store_n(word, 0, __ATOMIC_RELEASE);
 }
 
+void brk_lock_word(uint32_t *word)
+{
+	lock_word(word);
+}
+
+void brk_unlock_word(uint32_t *word)
+{
+	unlock_word(word);
+}
+
 #define LOCKED(b) ((b)->flags & BRK_F_SHARED)
-#define LOCK(b) do { if (LOCKED(b)) brk_lock_word(&(b)->lock); } while (0)
-#define UNLOCK(b) do { if (LOCKED(b)) brk_unlock_word(&(b)->lock); } while (0)
+#define LOCK(b) do { if (LOCKED(b)) lock_word(&(b)->lock); } while (0)
+#define UNLOCK(b) do { if (LOCKED(b)) unlock_word(&(b)->lock); } while (0)
 
 double brk_allow(brk_t *b)
 {
@@ -999,9 +1011,9 @@ double brk_allow(brk_t *b)
 	g = __atomic_load_n(&b->gen, __ATOMIC_ACQUIRE);
 	if (__atomic_load_n(&b->state, __ATOMIC_ACQUIRE) == BRK_CLOSED)
 		return (double)g * 4.0 + PERMIT_CLOSED;
-	brk_lock_word(&b->lock);
+	lock_word(&b->lock);
 	r = allow_nl(b);
-	brk_unlock_word(&b->lock);
+	unlock_word(&b->lock);
 	return r;
 }
 
@@ -1012,10 +1024,10 @@ void brk_record(brk_t *b, double permit, int outcome, double latency, double ret
 			record_slow(b, permit, outcome, latency, retry_after);
 		return;
 	}
-	brk_lock_word(&b->lock);
+	lock_word(&b->lock);
 	if (!record_fast(b, permit, outcome, latency))
 		record_slow(b, permit, outcome, latency, retry_after);
-	brk_unlock_word(&b->lock);
+	unlock_word(&b->lock);
 }
 
 void brk_force_open(brk_t *b)
