@@ -189,10 +189,11 @@ end
 -- Messages of the rejection errors, per state, made once per breaker.
 local function open_messages(name)
   local q = "breaker '" .. name .. "'"
+  -- positional, so the rejection path indexes the array part, not a hash
   return {
-    [1] = q .. " is open",
-    [2] = q .. " is half-open and all its probes are taken",
-    [3] = q .. " is forced open",
+    q .. " is open",                                  -- [1]
+    q .. " is half-open and all its probes are taken", -- [2]
+    q .. " is forced open",                           -- [3]
   }
 end
 
