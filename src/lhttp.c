@@ -109,6 +109,35 @@ static void rawfield(lua_State *L, int idx, const char *key)
 	lua_rawget(L, idx);
 }
 
+/* Field names of requests and responses, interned once and kept as
+ * upvalues of request and request_many: every request reads about nine of
+ * them and every response sets eight, and LuaJIT would otherwise hash each
+ * name again on every call. Only valid inside those two functions. */
+enum {
+	K_URL = 1, K_METHOD, K_BODY, K_HEADERS, K_TIMEOUT, K_CONNECT_TIMEOUT, K_MAX_BODY,
+	K_ON_CHUNK, K_STATUS, K_STREAMED, K_TIMING, K_CONNECT, K_FIRST_BYTE, K_TOTAL,
+	K_COUNT = K_TOTAL
+};
+static const char *const key_names[K_COUNT] = {
+	"url", "method", "body", "headers", "timeout", "connect_timeout", "max_body",
+	"on_chunk", "status", "streamed", "timing", "connect", "first_byte", "total",
+};
+
+/* Pushes t[key] for the table at idx (raw). */
+static void keyfield(lua_State *L, int idx, int key)
+{
+	lua_pushvalue(L, lua_upvalueindex(key));
+	lua_rawget(L, idx < 0 ? idx - 1 : idx);
+}
+
+/* t[key] = value on top, for the table just below it (raw). */
+static void setkey(lua_State *L, int key)
+{
+	lua_pushvalue(L, lua_upvalueindex(key));
+	lua_insert(L, -2);
+	lua_rawset(L, -3);
+}
+
 /* Raises unless every key of the table at idx is one of `allowed`. */
 static void check_keys(lua_State *L, int idx, const char *const *allowed, const char *what)
 {
@@ -479,7 +508,7 @@ static void read_request(lua_State *L, transport *t, int idx, run_ctx *ctx, size
 	q->spec.connect_timeout_ms = t->connect_timeout_ms;
 	q->spec.max_body = t->max_body;
 
-	rawfield(L, idx, "url");
+	keyfield(L, idx, K_URL);
 	if (lua_type(L, -1) != LUA_TSTRING)
 		throw(L, "%s.url must be a string, got a %s", what, luaL_typename(L, -1));
 	s = lua_tolstring(L, -1, &len);
@@ -488,7 +517,7 @@ static void read_request(lua_State *L, transport *t, int idx, run_ctx *ctx, size
 		      "control characters", what);
 	q->spec.url = s;
 
-	rawfield(L, idx, "method");
+	keyfield(L, idx, K_METHOD);
 	if (!lua_isnil(L, -1)) {
 		if (lua_type(L, -1) != LUA_TSTRING)
 			throw(L, "%s.method must be a string, got a %s", what, luaL_typename(L, -1));
@@ -499,7 +528,7 @@ static void read_request(lua_State *L, transport *t, int idx, run_ctx *ctx, size
 		found++;
 	}
 
-	rawfield(L, idx, "body");
+	keyfield(L, idx, K_BODY);
 	if (!lua_isnil(L, -1)) {
 		if (lua_type(L, -1) != LUA_TSTRING)
 			throw(L, "%s.body must be a string, got a %s", what, luaL_typename(L, -1));
@@ -509,29 +538,29 @@ static void read_request(lua_State *L, transport *t, int idx, run_ctx *ctx, size
 		found++;
 	}
 
-	rawfield(L, idx, "headers");
+	keyfield(L, idx, K_HEADERS);
 	if (!lua_isnil(L, -1)) {
 		read_headers(L, t, ctx, hdr_used, q, what);
 		found++;
 	}
 
-	rawfield(L, idx, "timeout");
+	keyfield(L, idx, K_TIMEOUT);
 	if (!lua_isnil(L, -1)) {
 		q->spec.timeout_ms = seconds_ms(L, -1, what, "timeout");
 		found++;
 	}
-	rawfield(L, idx, "connect_timeout");
+	keyfield(L, idx, K_CONNECT_TIMEOUT);
 	if (!lua_isnil(L, -1)) {
 		q->spec.connect_timeout_ms = seconds_ms(L, -1, what, "connect_timeout");
 		found++;
 	}
-	rawfield(L, idx, "max_body");
+	keyfield(L, idx, K_MAX_BODY);
 	if (!lua_isnil(L, -1)) {
 		q->spec.max_body = byte_count(L, -1, what, "max_body");
 		found++;
 	}
 
-	rawfield(L, idx, "on_chunk");
+	keyfield(L, idx, K_ON_CHUNK);
 	if (!lua_isnil(L, -1)) {
 		if (lua_type(L, -1) != LUA_TFUNCTION)
 			throw(L, "%s.on_chunk must be a function, got a %s", what,
@@ -549,7 +578,7 @@ static void read_request(lua_State *L, transport *t, int idx, run_ctx *ctx, size
 	}
 	/* Lua code (an on_chunk) may drop the body while curl still sends it */
 	if (keep_body && q->spec.body != NULL) {
-		rawfield(L, idx, "body");
+		keyfield(L, idx, K_BODY);
 		anchor(L, ctx);
 	}
 	/* every key was one of ours, unless the table holds more keys */
@@ -619,10 +648,39 @@ static int chunk_cb(void *ud, const char *data, size_t len)
  * Results
  * ---------------------------------------------------------------------- */
 
+/* Whether the response's header names are all different and none is
+ * set-cookie (kept as a list): then each is a plain store. Up to 64 headers
+ * are compared pairwise (most differ in length); more take the general path. */
+static int headers_simple(const http_result *res)
+{
+	size_t i, j;
+	if (res->nheaders > 64)
+		return 0;
+	for (i = 0; i < res->nheaders; i++) {
+		const http_header *h = &res->headers[i];
+		if (h->name_len == 10 && memcmp(h->name, "set-cookie", 10) == 0)
+			return 0;
+		for (j = 0; j < i; j++)
+			if (res->headers[j].name_len == h->name_len &&
+			    memcmp(res->headers[j].name, h->name, h->name_len) == 0)
+				return 0;
+	}
+	return 1;
+}
+
 static void push_headers(lua_State *L, const http_result *res)
 {
 	size_t i;
 	lua_createtable(L, 0, (int)res->nheaders);
+	if (headers_simple(res)) {
+		for (i = 0; i < res->nheaders; i++) {
+			const http_header *h = &res->headers[i];
+			lua_pushlstring(L, h->name, h->name_len);
+			lua_pushlstring(L, h->value, h->value_len);
+			lua_rawset(L, -3);
+		}
+		return;
+	}
 	for (i = 0; i < res->nheaders; i++) {
 		const http_header *h = &res->headers[i];
 		int cookie = h->name_len == 10 && memcmp(h->name, "set-cookie", 10) == 0;
@@ -654,10 +712,10 @@ static void push_headers(lua_State *L, const http_result *res)
 	}
 }
 
-static void set_number(lua_State *L, const char *key, double v)
+static void set_number(lua_State *L, int key, double v)
 {
 	lua_pushnumber(L, v);
-	lua_setfield(L, -2, key);
+	setkey(L, key);
 }
 
 /* { status, headers, body, timing = { connect, first_byte, total } },
@@ -666,20 +724,20 @@ static void push_response(lua_State *L, const http_result *res)
 {
 	lua_createtable(L, 0, 5);
 	lua_pushinteger(L, (lua_Integer)res->status);
-	lua_setfield(L, -2, "status");
+	setkey(L, K_STATUS);
 	push_headers(L, res);
-	lua_setfield(L, -2, "headers");
+	setkey(L, K_HEADERS);
 	lua_pushlstring(L, res->body, res->body_len);
-	lua_setfield(L, -2, "body");
+	setkey(L, K_BODY);
 	if (res->streamed) {
 		lua_pushboolean(L, 1);
-		lua_setfield(L, -2, "streamed");
+		setkey(L, K_STREAMED);
 	}
 	lua_createtable(L, 0, 3);
-	set_number(L, "connect", res->connect_time);
-	set_number(L, "first_byte", res->first_byte_time);
-	set_number(L, "total", res->total_time);
-	lua_setfield(L, -2, "timing");
+	set_number(L, K_CONNECT, res->connect_time);
+	set_number(L, K_FIRST_BYTE, res->first_byte_time);
+	set_number(L, K_TOTAL, res->total_time);
+	setkey(L, K_TIMING);
 }
 
 /* A breaker.error: kind, message (curl's words), curl_code, and the HTTP
@@ -936,7 +994,13 @@ LUALIB_API int luaopen_breaker_curl(lua_State *L)
 
 	if (luaL_newmetatable(L, TRANSPORT_MT)) {
 		luaL_setfuncs(L, transport_meta, 0);
-		luaL_newlib(L, transport_methods);
+		{
+			int k;
+			lua_newtable(L);
+			for (k = 0; k < K_COUNT; k++)
+				lua_pushstring(L, key_names[k]);
+			luaL_setfuncs(L, transport_methods, K_COUNT);
+		}
 		lua_setfield(L, -2, "__index");
 		lua_pushliteral(L, "breaker.curl transport");
 		lua_setfield(L, -2, "__metatable");
