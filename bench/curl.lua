@@ -7,9 +7,8 @@
 --
 --   LUA_PATH='lua/?.lua;lua/?/init.lua;spec/?.lua;;' LUA_CPATH='build/?.so;;' luajit bench/curl.lua
 --
--- BENCH_N sets the number of requests per run (default 2000), BENCH_ROUNDS
--- how many times each client runs, interleaved (default 3); the best round
--- of each client is printed, so a noisy neighbour skews every client alike.
+-- BENCH_N * BENCH_ROUNDS requests per client (default 2000 * 3), taken in
+-- alternating blocks so a noisy neighbour skews every client alike.
 
 local curl = require "breaker.curl"
 local helper = require "helper"
@@ -110,23 +109,44 @@ else
 end
 clients[#clients + 1] = { name = "socket.http", make = socket_http_client }
 
--- Sequential: every client, ROUNDS times interleaved, best round kept.
+-- Sequential: the clients take turns in blocks of BLOCK requests (the order
+-- rotating), so all of them meet the same machine; each one's figure is its
+-- total over every block. (This VM's speed drifts by tens of percent within
+-- seconds: separate runs, even best-of-n, compare one client's good moment
+-- with another's bad one.) Connections are counted in a short run of each
+-- client alone first.
 local function sequential(up)
   local url = up.url .. PATH
-  for _, c in ipairs(clients) do c.rps, c.cpu = 0, math.huge end
-  for _ = 1, ROUNDS do
-    for _, c in ipairs(clients) do
-      up:reset()
-      local one, close = c.make(url)
-      local rps, cpu = measure(N, one)
-      close()
-      c.conns = up:stats().connections
-      if rps > c.rps then c.rps = rps end
-      if cpu < c.cpu then c.cpu = cpu end
+  local total = N * ROUNDS
+  for _, c in ipairs(clients) do
+    up:reset()
+    local one, close = c.make(url)
+    for _ = 1, WARMUP do one() end
+    close()
+    c.conns = up:stats().connections
+    c.one, c.close = c.make(url)
+    for _ = 1, WARMUP do c.one() end
+    c.wall, c.cpu_s, c.n = 0, 0, 0
+  end
+  local block = math.max(50, math.floor(N / 10))
+  local k = 0
+  while clients[1].n < total do
+    k = k + 1
+    for j = 1, #clients do
+      local c = clients[(j + k - 2) % #clients + 1]
+      local n = c.name == "socket.http" and math.ceil(block / 2) or block
+      collectgarbage()
+      local t0, c0 = now(), os.clock()
+      for _ = 1, n do c.one() end
+      c.wall, c.cpu_s, c.n = c.wall + now() - t0, c.cpu_s + os.clock() - c0, c.n + n
     end
   end
-  print(("sequential POST %s: %d requests x %d rounds (best kept), fake upstream with %d " ..
-         "nginx worker(s) on loopback"):format(PATH, N, ROUNDS, up.workers))
+  for _, c in ipairs(clients) do
+    c.close()
+    c.rps, c.cpu = c.n / c.wall, c.cpu_s / c.n * 1e6
+  end
+  print(("sequential POST %s: %d requests each (socket.http half), clients alternating in blocks of %d, " ..
+         "fake upstream with %d nginx worker(s) on loopback"):format(PATH, total, block, up.workers))
   local ours = clients[1].rps
   for _, c in ipairs(clients) do
     local ratio = ""
@@ -134,8 +154,8 @@ local function sequential(up)
       ratio = ("breaker.curl/%s = %.2f (target >= %d)")
               :format(c.name, ours / c.rps, c.name == "socket.http" and 2 or 1)
     end
-    print(("  %-14s %8.0f req/s  %6.1f us client CPU/req  %5d conn  %s")
-          :format(c.name, c.rps, c.cpu, c.conns, ratio))
+    print(("  %-14s %8.0f req/s  %6.1f us client CPU/req  %5d conn/%d req  %s")
+          :format(c.name, c.rps, c.cpu, c.conns, WARMUP, ratio))
   end
 end
 
