@@ -102,8 +102,8 @@ local ok, err = pcall(function()
   print(format("  client:chat (default policy) %6.1f us/call  %6.1f us client CPU/call", median(cw), median(cc)))
   print(format("  rounds: client overhead %+.1f %% wall (median of per-round ratios), %+.1f us CPU per call",
                median(over), median(cc) - median(rc)))
-  print(format("  call by call (%d pairs, alternating): raw median %.1f us, mean %.1f us; client:chat median %.1f us, " ..
-               "mean %.1f us", #pr, mr, ar, mc, ac))
+  print(format("  call by call (%d pairs, alternating): raw median %.1f us, mean %.1f us; " ..
+               "client:chat median %.1f us, mean %.1f us", #pr, mr, ar, mc, ac))
   print(format("  client overhead: %+.1f %% (median), %+.1f %% (mean)   (target <= 10 %%)",
                (mc - mr) / mr * 100, (ac - ar) / ar * 100))
   print(format("  (%d chat calls, %d tokens counted, breaker %s; upstream saw %d requests on %d connection(s))",
