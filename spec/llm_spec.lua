@@ -510,6 +510,58 @@ describe("breaker.llm", function()
       assert.equal(0, c:breaker("gpt-fake"):stats().failures)
     end)
 
+    local TOOLS = {
+      { type = "function", ["function"] = { name = "search", parameters = { type = "object" } } },
+      { type = "function", ["function"] = { name = "lookup_weather", parameters = { type = "object" } } },
+    }
+
+    it("assembles streamed tool calls: ids, names and arguments joined per index", function()
+      local c = client()
+      local pieces = 0
+      local res, err = c:chat_stream{ messages = user("weather in Paris?"), tools = TOOLS,
+                                      tool_choice = "required",
+                                      on_delta = function(text, chunk)
+                                        assert.equal("", text)
+                                        if chunk.choices[1].delta.tool_calls then pieces = pieces + 1 end
+                                      end }
+      assert.is_nil(err)
+      assert.is_true(pieces > 4)         -- the arguments came in several pieces
+      local choice = res.choices[1]
+      assert.equal("tool_calls", choice.finish_reason)
+      assert.equal(cjson.null, choice.message.content)
+      local calls = choice.message.tool_calls
+      assert.equal(2, #calls)
+      for i, name in ipairs{ "search", "lookup_weather" } do
+        assert.equal(name, calls[i]["function"].name)
+        assert.equal("function", calls[i].type)
+        assert.matches("^call_chatcmpl%-fake%d+_" .. (i - 1) .. "$", calls[i].id)
+        assert.same({ query = "weather in Paris?" }, cjson.decode(calls[i]["function"].arguments))
+      end
+      -- the same shape as the provider's non-streamed answer
+      local plain = assert(c:chat{ messages = user("weather in Paris?"), tools = TOOLS,
+                                   tool_choice = "required" })
+      assert.equal(#plain.choices[1].message.tool_calls, #calls)
+      assert.equal(plain.choices[1].message.tool_calls[2]["function"].arguments,
+                   calls[2]["function"].arguments)
+    end)
+
+    it("a stream that dies inside a tool call reports the calls received so far", function()
+      local c = client()
+      -- events: the first call's opening piece and two 7-byte argument pieces
+      up:scenario{ { fault = "stream_die", events = 3 } }
+      local res, err = c:chat_stream{ messages = user("cut me short"), tools = TOOLS,
+                                      tool_choice = { type = "function", ["function"] = { name = "search" } },
+                                      on_delta = function() end }
+      keep(err)
+      assert.is_nil(res)
+      assert.equal("reset", err.kind)
+      assert.equal("", err.partial)
+      assert.equal(1, #err.partial_tool_calls)
+      assert.equal("search", err.partial_tool_calls[1]["function"].name)
+      assert.equal(14, #err.partial_tool_calls[1]["function"].arguments)
+      assert.equal(1, up:stats().requests)   -- never re-sent after the first piece
+    end)
+
     it("the breaker records the time to first token as the latency", function()
       local c = client{ policy = { breaker = { slow_call_duration = 0.3, minimum_calls = 1 },
                                    sleep = recorded } }

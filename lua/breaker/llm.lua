@@ -585,14 +585,51 @@ end
 -- State of one streamed call, kept across its attempts and models.
 local function stream_state(on_delta)
   return { on_delta = on_delta, delivered = false, first_at = false, texts = {},
-           finish = {}, done = false, perr = false, meta = {}, usage = false, chunks = 0,
-           aborted = false }
+           tools = {}, finish = {}, done = false, perr = false, meta = {}, usage = false,
+           chunks = 0, aborted = false }
 end
 
 local function stream_partial(st)
   local parts = {}
   for i = 0, #st.texts do if st.texts[i] then parts[#parts + 1] = st.texts[i] end end
   return concat(parts)
+end
+
+-- Adds a delta's tool_calls to the calls of choice idx. Providers stream a
+-- call as pieces sharing its `index`: the first brings id, type and the
+-- function's name, the rest bring pieces of `arguments` (a JSON text) to be
+-- joined in order. Several calls (parallel tool calls) have their own
+-- indexes. Returns false when the delta held no usable call.
+local function add_tool_calls(st, idx, list)
+  if type(list) ~= "table" then return false end
+  local calls = st.tools[idx]
+  if not calls then calls = {}; st.tools[idx] = calls end
+  local any = false
+  for pos, tc in ipairs(list) do
+    if type(tc) == "table" then
+      local k = tonumber(tc.index) or (pos - 1)
+      local call = calls[k + 1]
+      if not call then
+        for j = #calls + 1, k do   -- a provider that skips an index
+          calls[j] = { id = cjson.null, type = "function", ["function"] = { name = "", arguments = "" } }
+        end
+        call = { id = cjson.null, type = "function", ["function"] = { name = "", arguments = "" } }
+        calls[k + 1] = call
+      end
+      if type(tc.id) == "string" and tc.id ~= "" then call.id = tc.id end
+      if type(tc.type) == "string" then call.type = tc.type end
+      local fn = tc["function"]
+      if type(fn) == "table" then
+        local f = call["function"]
+        -- the name comes whole in the first piece; a provider that repeats
+        -- it in later pieces must not double it
+        if type(fn.name) == "string" and fn.name ~= "" and f.name == "" then f.name = fn.name end
+        if type(fn.arguments) == "string" then f.arguments = f.arguments .. fn.arguments end
+      end
+      any = true
+    end
+  end
+  return any
 end
 
 -- Handles one SSE event; false stops the stream.
@@ -621,7 +658,8 @@ local function stream_event(st, data)
     if type(delta) == "table" then
       local text = delta.content
       if type(text) ~= "string" then text = nil end
-      if (text and text ~= "") or (delta.tool_calls ~= nil and delta.tool_calls ~= cjson.null) then
+      local tools = add_tool_calls(st, idx, delta.tool_calls)
+      if (text and text ~= "") or tools then
         if not st.delivered then
           st.delivered = true
           st.first_at = clock.now_precise()
@@ -651,7 +689,7 @@ local function stream_transport(self, m, st)
       return nil, st.last_err
     end
     st.done, st.perr, st.aborted, st.usage = false, false, false, false
-    st.texts, st.finish, st.meta, st.chunks = {}, {}, {}, 0
+    st.texts, st.tools, st.finish, st.meta, st.chunks = {}, {}, {}, {}, 0
     feed = _M.sse_parser(function(data) return stream_event(st, data) end)
     r.on_chunk = on_chunk
     local res, terr = inner:request(r)
@@ -660,12 +698,23 @@ local function stream_transport(self, m, st)
     elseif res and res.status and res.status >= 200 and res.status < 300 then
       -- A provider that ignored "stream": one JSON completion.
       local doc = decode(res.body or "")
-      local msg = type(doc) == "table" and type(doc.choices) == "table" and doc.choices[1]
-      msg = type(msg) == "table" and type(msg.message) == "table" and msg.message.content
-      if type(msg) == "string" then
+      local c1 = type(doc) == "table" and type(doc.choices) == "table" and doc.choices[1]
+      local msg = type(c1) == "table" and type(c1.message) == "table" and c1.message or nil
+      local calls = msg and type(msg.tool_calls) == "table" and msg.tool_calls or nil
+      if msg and (type(msg.content) == "string" or calls) then
+        local delta = { content = type(msg.content) == "string" and msg.content or nil }
+        if calls then
+          delta.tool_calls = {}
+          for i, tc in ipairs(calls) do
+            if type(tc) == "table" then
+              delta.tool_calls[#delta.tool_calls + 1] = { index = i - 1, id = tc.id, type = tc.type,
+                                                          ["function"] = tc["function"] }
+            end
+          end
+        end
         stream_event(st, encode({ id = doc.id, model = doc.model, created = doc.created,
-          choices = { { index = 0, delta = { content = msg },
-                        finish_reason = doc.choices[1].finish_reason } }, usage = doc.usage }))
+          choices = { { index = 0, delta = delta, finish_reason = c1.finish_reason } },
+          usage = doc.usage }))
         st.done = true
         res.streamed = true
       end
@@ -679,9 +728,12 @@ local function stream_transport(self, m, st)
       err = new_error("reset", "the stream ended before its last event")
     end
     if err and st.delivered then
-      if is_error(err) then err.partial = stream_partial(st) else
-        err = new_error("reset", tostring(err), { partial = stream_partial(st) })
-      end
+      if not is_error(err) then err = new_error("reset", tostring(err)) end
+      err.partial = stream_partial(st)
+      -- tool calls of the first choice received so far (their arguments
+      -- may be cut short)
+      local calls = st.tools[0]
+      if calls and #calls > 0 then err.partial_tool_calls = calls end
     end
     st.last_err = err
     if st.first_at then m.clock.override = st.first_at end
@@ -697,9 +749,16 @@ local function stream_response(st, model)
   local n = -1
   for i in pairs(st.texts) do if i > n then n = i end end
   for i in pairs(st.finish) do if i > n then n = i end end
+  for i in pairs(st.tools) do if i > n then n = i end end
   for i = 0, n do
-    choices[#choices + 1] = { index = i, finish_reason = st.finish[i] or cjson.null,
-                              message = { role = "assistant", content = st.texts[i] or "" } }
+    local message = { role = "assistant", content = st.texts[i] or "" }
+    local calls = st.tools[i]
+    if calls and #calls > 0 then
+      message.tool_calls = calls
+      -- as the provider's non-streamed answer has it: no text is null
+      if st.texts[i] == nil then message.content = cjson.null end
+    end
+    choices[#choices + 1] = { index = i, finish_reason = st.finish[i] or cjson.null, message = message }
   end
   return { id = st.meta.id, object = "chat.completion", created = st.meta.created,
            model = st.meta.model or model, choices = choices,

@@ -356,6 +356,58 @@ local function send_stream(events, f, die_after)
   return ngx.exit(200)
 end
 
+-- The tool calls a request forces: tool_choice naming a function calls
+-- that one; tool_choice "required" calls every tool given, in order
+-- (parallel tool calls). Arguments: {"query": <the last user message>}.
+-- nil when the request leaves the choice to the model.
+local function forced_tool_calls(req, content, id)
+  local tools, choice = req.tools, req.tool_choice
+  if type(tools) ~= "table" or #tools == 0 then return nil end
+  local names = {}
+  if type(choice) == "table" and type(choice["function"]) == "table" then
+    names[1] = choice["function"].name
+  elseif choice == "required" then
+    for _, t in ipairs(tools) do
+      if type(t) == "table" and type(t["function"]) == "table" then names[#names + 1] = t["function"].name end
+    end
+  end
+  if #names == 0 then return nil end
+  local calls = {}
+  for i, name in ipairs(names) do
+    calls[i] = { id = format("call_%s_%d", id, i - 1), type = "function",
+                 ["function"] = { name = tostring(name), arguments = json_encode({ query = content }) } }
+  end
+  return calls
+end
+
+-- A streamed tool-call answer as providers send it: the first piece of each
+-- call brings its id, type and name, the arguments follow in pieces of 7
+-- bytes, calls one after another, then finish_reason "tool_calls".
+local function stream_tool_events(id, model, calls, created)
+  local events = {}
+  local function chunk(delta, finish)
+    events[#events + 1] = json_encode({
+      id = id, object = "chat.completion.chunk", created = created, model = model,
+      choices = { { index = 0, delta = delta, finish_reason = finish or cjson.null } },
+    })
+  end
+  for i, c in ipairs(calls) do
+    local first = { index = i - 1, id = c.id, type = c.type,
+                    ["function"] = { name = c["function"].name, arguments = "" } }
+    if i == 1 then
+      chunk({ role = "assistant", content = cjson.null, tool_calls = { first } })
+    else
+      chunk({ tool_calls = { first } })
+    end
+    local args = c["function"].arguments
+    for pos = 1, #args, 7 do
+      chunk({ tool_calls = { { index = i - 1, ["function"] = { arguments = sub(args, pos, pos + 6) } } } })
+    end
+  end
+  chunk({}, "tool_calls")
+  return events
+end
+
 local function chat(body, f)
   local req = cjson.decode(body)
   if type(req) ~= "table" then
@@ -385,6 +437,22 @@ local function chat(body, f)
   content = content or "Hello from the fake upstream."
   local id = "chatcmpl-fake" .. dict:incr("ids", 1, 0)
   local created = ngx.time()
+  local calls = forced_tool_calls(req, content, id)
+  if calls then
+    if req.stream == true then
+      return send_stream(stream_tool_events(id, req.model, calls, created), f,
+                         f.fault == "stream_die" and floor(tonumber(f.events) or 2) or nil)
+    end
+    local completion_tokens = 0
+    for _, c in ipairs(calls) do completion_tokens = completion_tokens + tokens(c["function"].arguments) end
+    return send_json(200, {
+      id = id, object = "chat.completion", created = created, model = req.model,
+      choices = { { index = 0, message = { role = "assistant", content = cjson.null, tool_calls = calls },
+                    finish_reason = "tool_calls" } },
+      usage = { prompt_tokens = prompt_tokens, completion_tokens = completion_tokens,
+                total_tokens = prompt_tokens + completion_tokens },
+    }, f)
+  end
   if req.stream == true then
     return send_stream(stream_events(id, req.model, content, created), f)
   end
@@ -542,6 +610,13 @@ function _M.api()
   end
   if fault == "malformed" then return malformed(f) end
   if fault == "oversize" then return oversize(f) end
+  if fault == "stream_die" and ngx.var.uri == "/v1/chat/completions" then
+    -- a request that forces tool calls gets its tool-call stream, cut short
+    local req = cjson.decode(body)
+    if type(req) == "table" and req.tool_choice ~= nil and type(req.tools) == "table" then
+      return route(body, f)
+    end
+  end
   if fault == "stream_die" then
     local events = stream_events("chatcmpl-dying", "gpt-fake",
                                  "this stream will die before it is done", ngx.time())
