@@ -1056,7 +1056,44 @@ double brk_allow(brk_t *b)
 	return r;
 }
 
-void brk_record(brk_t *b, double permit, int outcome, double latency, double retry_after)
+/* The fast path of a private count-window breaker as a leaf: it calls
+ * nothing (not even the histogram's decay: when a bucket is due to halve
+ * it declines before changing anything), so brk_record needs no stack
+ * frame for it. Same checks and effects as record_fast. */
+static inline __attribute__((always_inline)) int
+record_fast_count(brk_t *b, double permit, int outcome, double latency)
+{
+	uint32_t pos;
+	uint8_t old;
+	int h;
+	if (!(permit > 0 && permit < 9007199254740992.0 &&
+	      (uint32_t)((int64_t)permit >> 2) == b->gen &&
+	      (b->state | outcome) == 0 &&
+	      latency >= 0 && latency < b->cfg.slow_call_duration &&
+	      b->w_calls != b->cfg.minimum_calls - 1))
+		return 0;
+	h = hist_index(latency);
+	if (b->hist[h] + 1u >= HIST_DECAY)
+		return 0;
+	pos = b->pos;
+	old = b->window[pos];
+	b->window[pos] = SLOT_USED;
+	if (old != SLOT_USED) {
+		b->w_calls += (uint32_t)(~old & SLOT_USED);
+		b->w_failures -= (uint32_t)((old >> 1) & 1);
+		b->w_slow -= (uint32_t)((old >> 2) & 1);
+	}
+	pos++;
+	b->pos = pos == b->cfg.window_size ? 0 : pos;
+	if (b->consec_failures != 0)
+		b->consec_failures = 0;
+	b->total_calls++;
+	b->hist[h]++;
+	return 1;
+}
+
+static __attribute__((noinline)) void
+record_general(brk_t *b, double permit, int outcome, double latency, double retry_after)
 {
 	if (!LOCKED(b)) {
 		if (!record_fast(b, permit, outcome, latency))
@@ -1067,6 +1104,29 @@ void brk_record(brk_t *b, double permit, int outcome, double latency, double ret
 	if (!record_fast(b, permit, outcome, latency))
 		record_slow(b, permit, outcome, latency, retry_after);
 	unlock_word(&b->lock);
+}
+
+void brk_record(brk_t *b, double permit, int outcome, double latency, double retry_after)
+{
+	if (b->cfg.window_type == BRK_WINDOW_COUNT) {
+		uint32_t me, free_word = 0;
+		if (!LOCKED(b)) {
+			if (record_fast_count(b, permit, outcome, latency))
+				return;
+		} else if ((me = __atomic_load_n(&cached_pid, __ATOMIC_RELAXED)) != 0 &&
+		           __atomic_compare_exchange_n(&b->lock, &free_word, me, 0,
+		                                       __ATOMIC_ACQUIRE, __ATOMIC_RELAXED)) {
+			/* Shared, and the lock came at the first try: the same leaf
+			 * fast path inside it. Anything else lets go and takes the
+			 * general path, which checks everything again (the fast path
+			 * changed nothing when it declined). */
+			int done = record_fast_count(b, permit, outcome, latency);
+			unlock_word(&b->lock);
+			if (done)
+				return;
+		}
+	}
+	record_general(b, permit, outcome, latency, retry_after);
 }
 
 void brk_force_open(brk_t *b)
