@@ -764,6 +764,37 @@ describe("breaker.policy", function()
       assert.near(3, e2.retry_after, 1e-9)
       assert.equal(1, t2.calls)
     end)
+    it("holds calls back while the provider's token budget is below min_tokens", function()
+      local p = P{ rate_limit = { learn = true, min_tokens = 500 } }
+      -- 800 tokens left: enough for a call
+      local t = transport{ { status = 200, headers = { ["x-ratelimit-remaining-tokens"] = "800",
+                                                      ["x-ratelimit-reset-tokens"] = "2s" } },
+                           { status = 200, headers = { ["x-ratelimit-remaining-tokens"] = "300",
+                                                      ["x-ratelimit-reset-tokens"] = "1.5s" } } }
+      assert(p:request(t, { url = "u" }))
+      assert(p:request(t, { url = "u" }))
+      -- 300 left < 500: no call until the budget resets, 1.5 s later
+      local _, e = p:request(t, { url = "u" })
+      assert.same({ "rate_limited", "client" }, { e.kind, e.source })
+      assert.near(1.5, e.retry_after, 1e-9)
+      assert.equal(2, t.calls)
+      clock.advance(1.5)
+      assert(p:request(t, { url = "u" }))
+      assert.equal(3, t.calls)
+      -- the default min_tokens is 1: only an empty budget holds calls back
+      local d = P{ rate_limit = { learn = true } }
+      local t2 = transport{ { status = 200, headers = { ["x-ratelimit-remaining-tokens"] = "1",
+                                                       ["x-ratelimit-reset-tokens"] = "9s" } },
+                            { status = 200, headers = { ["x-ratelimit-remaining-tokens"] = "0",
+                                                       ["x-ratelimit-reset-tokens"] = "20ms" } } }
+      assert(d:request(t2, { url = "u" }))
+      assert(d:request(t2, { url = "u" }))
+      local _, e2 = d:request(t2, { url = "u" })
+      assert.near(0.02, e2.retry_after, 1e-9)
+      local ok, msg = pcall(P, { rate_limit = { min_tokens = -1, learn = true } })
+      assert.is_false(ok)
+      assert.matches("min_tokens", msg, 1, true)
+    end)
   end)
 
   describe("load", function()

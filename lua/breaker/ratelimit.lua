@@ -16,9 +16,13 @@
 --   R == 0 with x-ratelimit-reset-requests: T ("1s", "6m0s", "20ms", or seconds)
 --     -> no request until T / x-ratelimit-limit-requests (one request's worth of
 --        the server's refill) or, without the limit header, until T
+--   x-ratelimit-remaining-tokens: N below min_tokens (default 1), with
+--   x-ratelimit-reset-tokens: T -> no request until T (an LLM provider's
+--      tokens-per-minute budget is spent: a request now would get a 429)
 -- and a 429 with a Retry-After pauses every call of the policy until then.
--- The `-tokens` headers (LLM tokens, not requests) are not used. The bucket is
--- per Lua VM (per nginx worker).
+-- min_tokens: set it near the tokens one request uses (prompt + max_tokens)
+-- to hold calls back before the budget runs out rather than after. The
+-- bucket is per Lua VM (per nginx worker).
 
 local _M = { _VERSION = require "breaker.version" }
 local mt = { __index = _M }
@@ -30,7 +34,7 @@ local huge = math.huge
 local format, gmatch, find = string.format, string.gmatch, string.find
 local fail, check_keys, num = retry._fail, retry._check_keys, retry._num
 
-local KEYS = { rate = true, per = true, burst = true, max_wait = true, learn = true }
+local KEYS = { rate = true, per = true, burst = true, max_wait = true, learn = true, min_tokens = true }
 local PERIODS = { second = 1, minute = 60, hour = 3600 }
 local UNITS = { h = 3600, m = 60, s = 1, ms = 1e-3, us = 1e-6, ["\194\181s"] = 1e-6, ns = 1e-9 }
 
@@ -77,6 +81,7 @@ function _M.new(opt, where)
   return setmetatable({
     rps = rps, burst = burst,
     max_wait = num(opt, where, "max_wait", 0, 0),
+    min_tokens = num(opt, where, "min_tokens", 1, 0),
     learn_headers = learn ~= false,
     tokens = burst, last = -huge,
   }, mt)
@@ -143,16 +148,24 @@ end
 function _M.learn(self, headers, now)
   if not self.learn_headers or type(headers) ~= "table" then return end
   local r = tonumber(hdr(headers, "x-ratelimit-remaining-requests"))
-  if not r then return end
-  refill(self, now)
-  if self.tokens > r then self.tokens = r end
-  if r < 1 then
-    local t = _M.parse_duration(hdr(headers, "x-ratelimit-reset-requests"))
-    if t then
-      local l = tonumber(hdr(headers, "x-ratelimit-limit-requests"))
-      if l and l >= 1 then t = t / l end
-      _M.pause(self, now + t, now)
+  if r then
+    refill(self, now)
+    if self.tokens > r then self.tokens = r end
+    if r < 1 then
+      local t = _M.parse_duration(hdr(headers, "x-ratelimit-reset-requests"))
+      if t then
+        local l = tonumber(hdr(headers, "x-ratelimit-limit-requests"))
+        if l and l >= 1 then t = t / l end
+        _M.pause(self, now + t, now)
+      end
     end
+  end
+  local rt = tonumber(hdr(headers, "x-ratelimit-remaining-tokens"))
+  if rt and rt < self.min_tokens then
+    -- the reset is when the token budget is back in full; nothing says how
+    -- fast it refills before that, so wait for it
+    local t = _M.parse_duration(hdr(headers, "x-ratelimit-reset-tokens"))
+    if t then _M.pause(self, now + t, now) end
   end
 end
 
