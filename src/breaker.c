@@ -785,36 +785,48 @@ record_slow(brk_t *b, double permit, int outcome, double latency, double retry_a
 	}
 }
 
-/* Fast path of brk_record, the common case: a fast success under a current
- * closed permit. Returns 0 when the call needs record_slow. Inlined into
- * brk_record: no rule is checked (a fast success cannot raise a rate unless
- * it brings the window up to minimum_calls, or old time buckets expire,
- * both left to record_slow), the count-window update is branch-free and
- * nothing is called on the way but the clock (time window) and, rarely,
- * the histogram decay. */
+/* Whether a result takes brk_record's fast path, the common case: a fast
+ * success under a current closed permit. No rule is checked on that path: a
+ * fast success cannot raise a rate unless it brings the window up to
+ * minimum_calls (or old time buckets expire), both left to record_slow. */
 static inline __attribute__((always_inline)) int
-record_fast(brk_t *b, double permit, int outcome, double latency)
+fast_ok(const brk_t *b, double permit, int outcome, double latency)
 {
-	if (!(permit > 0 && permit < 9007199254740992.0 &&
-	      (uint32_t)((int64_t)permit >> 2) == b->gen &&
-	      (b->state | outcome) == 0 &&
-	      latency >= 0 && latency < b->cfg.slow_call_duration &&
-	      b->w_calls != b->cfg.minimum_calls - 1))
+	return permit > 0 && permit < 9007199254740992.0 &&
+	       (uint32_t)((int64_t)permit >> 2) == b->gen &&
+	       (b->state | outcome) == 0 &&
+	       latency >= 0 && latency < b->cfg.slow_call_duration &&
+	       b->w_calls != b->cfg.minimum_calls - 1;
+}
+
+/* A fast success into the count window, branch-free but for one test. */
+static inline __attribute__((always_inline)) void count_success(brk_t *b)
+{
+	uint32_t pos = b->pos;
+	uint8_t old = b->window[pos];
+	b->window[pos] = SLOT_USED;
+	/* Written only when they change: in the steady state (a full window of
+	 * fast successes) none of these is touched, which keeps them off the
+	 * chain of loads that wait on stores. */
+	if (old != SLOT_USED) {
+		b->w_calls += (uint32_t)(~old & SLOT_USED);
+		b->w_failures -= (uint32_t)((old >> 1) & 1);
+		b->w_slow -= (uint32_t)((old >> 2) & 1);
+	}
+	pos++;
+	b->pos = pos == b->cfg.window_size ? 0 : pos;
+	if (b->consec_failures != 0)
+		b->consec_failures = 0;
+	b->total_calls++;
+}
+
+/* The fast path for any window. Returns 0 when the call needs record_slow. */
+static int record_fast(brk_t *b, double permit, int outcome, double latency)
+{
+	if (!fast_ok(b, permit, outcome, latency))
 		return 0;
 	if (b->cfg.window_type == BRK_WINDOW_COUNT) {
-		uint32_t pos = b->pos;
-		uint8_t old = b->window[pos];
-		b->window[pos] = SLOT_USED;
-		/* Written only when they change: in the steady state (a full
-		 * window of fast successes) none of these is touched, which
-		 * keeps them off the chain of loads that wait on stores. */
-		if (old != SLOT_USED) {
-			b->w_calls += (uint32_t)(~old & SLOT_USED);
-			b->w_failures -= (uint32_t)((old >> 1) & 1);
-			b->w_slow -= (uint32_t)((old >> 2) & 1);
-		}
-		pos++;
-		b->pos = pos == b->cfg.window_size ? 0 : pos;
+		count_success(b);
 	} else {
 		/* Time window: only while the head bucket is current, so no
 		 * bucket expires here. */
@@ -822,10 +834,10 @@ record_fast(brk_t *b, double permit, int outcome, double latency)
 			return 0;
 		buckets(b)[b->head_slot].calls++;
 		b->w_calls++;
+		if (b->consec_failures != 0)
+			b->consec_failures = 0;
+		b->total_calls++;
 	}
-	if (b->consec_failures != 0)
-		b->consec_failures = 0;
-	b->total_calls++;
 	hist_add(b, latency);
 	return 1;
 }
@@ -1056,38 +1068,19 @@ double brk_allow(brk_t *b)
 	return r;
 }
 
-/* The fast path of a private count-window breaker as a leaf: it calls
- * nothing (not even the histogram's decay: when a bucket is due to halve
- * it declines before changing anything), so brk_record needs no stack
- * frame for it. Same checks and effects as record_fast. */
+/* The fast path of a count-window breaker as a leaf: it calls nothing (not
+ * even the histogram's decay: when a bucket is due to halve it declines
+ * before changing anything), so brk_record needs no stack frame for it. */
 static inline __attribute__((always_inline)) int
 record_fast_count(brk_t *b, double permit, int outcome, double latency)
 {
-	uint32_t pos;
-	uint8_t old;
 	int h;
-	if (!(permit > 0 && permit < 9007199254740992.0 &&
-	      (uint32_t)((int64_t)permit >> 2) == b->gen &&
-	      (b->state | outcome) == 0 &&
-	      latency >= 0 && latency < b->cfg.slow_call_duration &&
-	      b->w_calls != b->cfg.minimum_calls - 1))
+	if (!fast_ok(b, permit, outcome, latency))
 		return 0;
 	h = hist_index(latency);
 	if (b->hist[h] + 1u >= HIST_DECAY)
 		return 0;
-	pos = b->pos;
-	old = b->window[pos];
-	b->window[pos] = SLOT_USED;
-	if (old != SLOT_USED) {
-		b->w_calls += (uint32_t)(~old & SLOT_USED);
-		b->w_failures -= (uint32_t)((old >> 1) & 1);
-		b->w_slow -= (uint32_t)((old >> 2) & 1);
-	}
-	pos++;
-	b->pos = pos == b->cfg.window_size ? 0 : pos;
-	if (b->consec_failures != 0)
-		b->consec_failures = 0;
-	b->total_calls++;
+	count_success(b);
 	b->hist[h]++;
 	return 1;
 }

@@ -324,14 +324,20 @@ local function message_text(m)
   return ""
 end
 
-local function stream_events(id, model, content, created)
+-- A list of stream events and chunk(delta [, finish_reason]) adding one
+-- chat.completion.chunk to it.
+local function chunker(id, model, created)
   local events = {}
-  local function chunk(delta, finish)
+  return events, function(delta, finish)
     events[#events + 1] = json_encode({
       id = id, object = "chat.completion.chunk", created = created, model = model,
       choices = { { index = 0, delta = delta, finish_reason = finish or cjson.null } },
     })
   end
+end
+
+local function stream_events(id, model, content, created)
+  local events, chunk = chunker(id, model, created)
   chunk({ role = "assistant", content = "" })
   for piece in content:gmatch("%S+%s*") do chunk({ content = piece }) end
   chunk({}, "stop")  -- an empty table encodes as {}
@@ -384,13 +390,7 @@ end
 -- call brings its id, type and name, the arguments follow in pieces of 7
 -- bytes, calls one after another, then finish_reason "tool_calls".
 local function stream_tool_events(id, model, calls, created)
-  local events = {}
-  local function chunk(delta, finish)
-    events[#events + 1] = json_encode({
-      id = id, object = "chat.completion.chunk", created = created, model = model,
-      choices = { { index = 0, delta = delta, finish_reason = finish or cjson.null } },
-    })
-  end
+  local events, chunk = chunker(id, model, created)
   for i, c in ipairs(calls) do
     local first = { index = i - 1, id = c.id, type = c.type,
                     ["function"] = { name = c["function"].name, arguments = "" } }
