@@ -283,6 +283,45 @@ describe("breaker.shared", function()
       assert.truthy(shared.unlink(name))
     end)
 
+    it("refuses a region made in another PID namespace, and says why", function()
+      -- Locks name their holders by pid: across PID namespaces (containers
+      -- sharing /dev/shm) a pid means another process, so the dead-holder
+      -- takeover could seize a live holder's lock.
+      local ok = os.execute("unshare --pid --fork true >/dev/null 2>&1")
+      if ok ~= true and ok ~= 0 then
+        pending("unshare --pid needs root (or user namespaces) here")
+        return
+      end
+      local name = uniq("pidns")
+      assert(shared.open(name, { capacity = 2 }))
+      local dir = os.tmpname()
+      local f = assert(io.open(dir, "w"))
+      f:write([[
+        package.path = "lua/?.lua;lua/?/init.lua;" .. package.path
+        package.cpath = "]] .. package.cpath:gsub("\\", "\\\\"):gsub('"', '\\"') .. [[;" .. package.cpath
+        local r, err = require("breaker.shared").open(...)
+        print(r == nil, err)
+      ]])
+      f:close()
+      local p = assert(io.popen(("unshare --pid --fork luajit %s %s 2>&1"):format(dir, name)))
+      local out = p:read("*a")
+      p:close()
+      os.remove(dir)
+      assert.matches("^true", out)
+      assert.matches("another PID namespace", out, 1, true)
+      assert.matches("own region name", out, 1, true)
+      -- the same namespace still joins
+      local out2 = spawn_each(1, [[
+        package.path = "lua/?.lua;lua/?/init.lua;" .. package.path
+        package.cpath = "]] .. package.cpath:gsub("\\", "\\\\"):gsub('"', '\\"') .. [[;" .. package.cpath
+        local name = ...
+        local r, created = require("breaker.shared").open(name)
+        print(r ~= nil, created)
+      ]], name)
+      assert.matches("^true\tfalse", out2[1])
+      assert.truthy(shared.unlink(name))
+    end)
+
     it("shares one breaker between processes that open the same name", function()
       local name = uniq("named")
       local region, created = assert(shared.open(name, { capacity = 8 }))

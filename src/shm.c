@@ -14,7 +14,7 @@
 #include <unistd.h>
 
 #define REGION_MAGIC 0x42524b52u  /* "BRKR" */
-#define REGION_LAYOUT 1u
+#define REGION_LAYOUT 2u
 
 enum slot_state { SLOT_FREE = 0, SLOT_READY = 1 };
 
@@ -28,6 +28,8 @@ typedef struct region_header {
 	uint32_t used;
 	uint64_t slot_bytes;       /* bytes of one slot, header included */
 	uint64_t total_bytes;
+	uint64_t pidns_dev;        /* the maker's PID namespace (0, 0: unknown) */
+	uint64_t pidns_ino;
 	brk_region_opts opts;
 } region_header;
 
@@ -112,8 +114,24 @@ static brk_t *block_of(slot_header *s)
 	return (brk_t *)(void *)((char *)s + SLOT_HDR_BYTES);
 }
 
+/* The PID namespace this process lives in, as the device and inode of
+ * /proc/self/ns/pid; 0, 0 when that cannot be read. Locks in a region name
+ * their holder by pid (to take a lock over from a dead holder), and a pid
+ * means another process in another namespace. */
+static void pid_namespace(uint64_t *dev, uint64_t *ino)
+{
+	struct stat st;
+	if (stat("/proc/self/ns/pid", &st) == 0) {
+		*dev = (uint64_t)st.st_dev;
+		*ino = (uint64_t)st.st_ino;
+	} else {
+		*dev = *ino = 0;
+	}
+}
+
 static void init_header(region_header *h, const brk_region_opts *o, size_t slot_bytes, size_t total)
 {
+	pid_namespace(&h->pidns_dev, &h->pidns_ino);
 	h->magic = REGION_MAGIC;
 	h->layout = REGION_LAYOUT;
 	h->capacity = o->capacity;
@@ -289,6 +307,19 @@ static brk_region *named_open_locked(const char *name, const char *path, const b
 			munmap(m, total);
 			*err = "the existing region is not a breaker region of this version";
 			return NULL;
+		}
+		{
+			uint64_t dev, ino;
+			pid_namespace(&dev, &ino);
+			if (ino != 0 && h->pidns_ino != 0 &&
+			    (dev != h->pidns_dev || ino != h->pidns_ino)) {
+				munmap(m, total);
+				*err = "the region was made in another PID namespace (another "
+				       "container?); its locks name their holders by process id, "
+				       "which means other processes here: give each namespace its "
+				       "own region name";
+				return NULL;
+			}
 		}
 	}
 	r = calloc(1, sizeof(*r));
