@@ -287,6 +287,64 @@ describe("breaker.curl", function()
       assert.are.equal(7, err.curl_code)
     end)
 
+    it("tells an HTTPS proxy who it is, and keeps the request's headers from it", function()
+      local ok, ffi = pcall(require, "ffi")
+      if not ok then pending("needs LuaJIT's ffi to set the proxy environment") return end
+      pcall(ffi.cdef, "int setenv(const char *, const char *, int); int unsetenv(const char *);")
+      local seen = os.tmpname()
+      -- A one-shot proxy in its own process: records the CONNECT request it
+      -- gets, refuses it, and exits (or gives up after 5 s).
+      local script = os.tmpname()
+      local sf = assert(io.open(script, "w"))
+      sf:write(([[
+        local socket = require "socket"
+        local s = assert(socket.bind("127.0.0.1", 0))
+        local _, port = s:getsockname()
+        print(port); io.stdout:flush()
+        s:settimeout(5)
+        local c = s:accept()
+        local f = assert(io.open(%q, "w"))
+        if c then
+          c:settimeout(5)
+          repeat
+            local line = c:receive("*l")
+            if line then f:write(line, "\n") end
+          until not line or line == ""
+          c:send("HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
+          c:close()
+        end
+        f:close()
+      ]]):format(seen))
+      sf:close()
+      local proxy = assert(io.popen("luajit " .. script, "r"))
+      local port = assert(tonumber(proxy:read("*l")))
+      local saved = {}
+      for _, k in ipairs{ "https_proxy", "HTTPS_PROXY", "no_proxy", "NO_PROXY", "all_proxy", "ALL_PROXY" } do
+        saved[k] = os.getenv(k)
+        ffi.C.unsetenv(k)
+      end
+      ffi.C.setenv("https_proxy", "http://127.0.0.1:" .. port, 1)
+      local tt = curl.new{ timeout = 5 }
+      local res, err = tt:request{ url = "https://api.example.test/v1/models",
+                                   headers = { authorization = "Bearer " .. SECRET } }
+      tt:close()
+      ffi.C.unsetenv("https_proxy")
+      for k, v in pairs(saved) do ffi.C.setenv(k, v, 1) end
+      proxy:close()
+      os.remove(script)
+      local f = assert(io.open(seen))
+      local got = f:read("*a")
+      f:close()
+      os.remove(seen)
+      assert.is_nil(res)
+      assert.is_table(err)
+      assert.matches("^CONNECT api.example.test:443 HTTP/1.1", got)
+      assert.matches("\nUser%-Agent: breaker/", got)
+      assert.is_nil(got:lower():find("authorization", 1, true))
+      assert.is_nil(got:find(SECRET, 1, true))
+      assert.is_nil(tostring(err):find(SECRET, 1, true))
+    end)
+
     it("reports a name that does not resolve as dns", function()
       local _, err = t:request{ url = "http://nonexistent.invalid/v1/models" }
       is_error(err, "dns")

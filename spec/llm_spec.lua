@@ -545,6 +545,33 @@ describe("breaker.llm", function()
                    calls[2]["function"].arguments)
     end)
 
+    it("tells parallel tool calls apart by id when the provider sends no index", function()
+      local c = client()
+      up:scenario{ { fault = "ok", tool_index = "none" } }
+      local res, err = c:chat_stream{ messages = user("both"), tools = TOOLS, tool_choice = "required",
+                                      on_delta = function() end }
+      assert.is_nil(err)
+      local calls = res.choices[1].message.tool_calls
+      assert.equal(2, #calls)
+      assert.same({ "search", "lookup_weather" }, { calls[1]["function"].name, calls[2]["function"].name })
+      assert.are_not.equal(calls[1].id, calls[2].id)
+      for i = 1, 2 do assert.same({ query = "both" }, cjson.decode(calls[i]["function"].arguments)) end
+    end)
+
+    it("a tool-call index that cannot be one is a decode error, not a huge table", function()
+      local c = client()
+      up:scenario{ { fault = "ok", tool_index = 3000000 } }
+      local t0 = os.clock()
+      local res, err = c:chat_stream{ messages = user("x"), tools = TOOLS, tool_choice = "required",
+                                      on_delta = function() end }
+      keep(err)
+      assert.is_nil(res)
+      assert.equal("decode", err.kind)
+      assert.matches("tool_calls index", err.message, 1, true)
+      assert.equal("search", err.partial_tool_calls[1]["function"].name)   -- the first call came whole
+      assert.is_true(os.clock() - t0 < 1)
+    end)
+
     it("a stream that dies inside a tool call reports the calls received so far", function()
       local c = client()
       -- events: the first call's opening piece and two 7-byte argument pieces

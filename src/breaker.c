@@ -116,14 +116,17 @@ static gettime_fn gettime_ptr;
 static __attribute__((noinline, cold)) gettime_fn resolve_gettime(void)
 {
 	gettime_fn f = NULL;
-#if defined(__linux__)
+	/* Only where the vDSO's function takes this build's struct timespec
+	 * and dlsym gives a callable address: x86_64 and arm64. (32-bit ABIs
+	 * have an old 32-bit-time entry point; ppc64 returns descriptors.) */
+#if defined(__linux__) && (defined(__x86_64__) || defined(__aarch64__))
 	void *h = dlopen("linux-vdso.so.1", RTLD_LAZY | RTLD_NOLOAD);
-	if (h == NULL)
-		h = dlopen("linux-gate.so.1", RTLD_LAZY | RTLD_NOLOAD);
-	if (h != NULL) {
+	if (h != NULL && sizeof(time_t) == 8) {
+#if defined(__x86_64__)
 		void *sym = dlsym(h, "__vdso_clock_gettime");
-		if (sym == NULL)
-			sym = dlsym(h, "__kernel_clock_gettime"); /* arm64 */
+#else
+		void *sym = dlsym(h, "__kernel_clock_gettime");
+#endif
 		memcpy(&f, &sym, sizeof(f));
 		/* no dlclose: the vDSO stays mapped for the process's life */
 	}

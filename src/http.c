@@ -70,6 +70,7 @@ struct http_client {
 	char *ca_file;            /* owned copies, or NULL */
 	char *ca_path;
 	char *ua_line;                /* "User-Agent: ..." request header line, or NULL */
+	struct curl_slist *proxy_headers; /* headers for a proxy's CONNECT: the User-Agent */
 };
 
 struct http_request {
@@ -317,6 +318,13 @@ http_client *http_client_new(const http_client_config *cfg, char *err, size_t er
 			failed = 1;
 		else
 			snprintf(c->ua_line, n, "User-Agent: %s", cfg->user_agent);
+		/* the request's headers stay between us and the server (and
+		 * never reach a proxy), but a proxy sees who we are */
+		if (c->ua_line != NULL) {
+			c->proxy_headers = curl_slist_append(NULL, c->ua_line);
+			if (c->proxy_headers == NULL)
+				failed = 1;
+		}
 	}
 	c->multi = failed ? NULL : curl_multi_init();
 	if (c->multi == NULL) {
@@ -343,6 +351,7 @@ void http_client_free(http_client *c)
 	free(c->ca_file);
 	free(c->ca_path);
 	free(c->ua_line);
+	curl_slist_free_all(c->proxy_headers);
 	free(c);
 }
 
@@ -581,6 +590,12 @@ static void setup_handle(http_client *c, http_request *r)
 	if (c->ca_path != NULL)
 		opt_str(r, CURLOPT_CAPATH, c->ca_path);
 	opt_long(r, CURLOPT_TCP_KEEPALIVE, 1L);
+	/* Request headers (the Authorization among them) go to the server only;
+	 * a proxy's CONNECT gets proxy_headers. curl's default since 7.42.1,
+	 * set here so that it holds whatever the build. */
+	opt_long(r, CURLOPT_HEADEROPT, CURLHEADER_SEPARATE);
+	if (c->proxy_headers != NULL)
+		opt_slist(r, CURLOPT_PROXYHEADER, c->proxy_headers);
 }
 
 /* Gives r a configured handle: an idle one from c's pool, or a new one. */

@@ -599,22 +599,35 @@ end
 -- call as pieces sharing its `index`: the first brings id, type and the
 -- function's name, the rest bring pieces of `arguments` (a JSON text) to be
 -- joined in order. Several calls (parallel tool calls) have their own
--- indexes. Returns false when the delta held no usable call.
+-- indexes; a provider that sends none starts a new call with each new id.
+-- Returns true when the delta held a call, false when none, or nil and a
+-- message for an index that cannot be one (not an integer, negative, or
+-- far past the calls seen).
 local function add_tool_calls(st, idx, list)
   if type(list) ~= "table" then return false end
   local calls = st.tools[idx]
   if not calls then calls = {}; st.tools[idx] = calls end
   local any = false
-  for pos, tc in ipairs(list) do
+  for _, tc in ipairs(list) do
     if type(tc) == "table" then
-      local k = tonumber(tc.index) or (pos - 1)
+      local k = tc.index
+      if k == nil then
+        local last = calls[#calls]
+        local id = tc.id
+        if last == nil or (type(id) == "string" and id ~= "" and last.id ~= cjson.null and last.id ~= id) then
+          k = #calls
+        else
+          k = #calls - 1
+        end
+      elseif type(k) ~= "number" or k < 0 or k % 1 ~= 0 or k > #calls + 8 then
+        return nil, "bad tool_calls index in a stream event: " .. tostring(k)
+      end
       local call = calls[k + 1]
       if not call then
-        for j = #calls + 1, k do   -- a provider that skips an index
+        for j = #calls + 1, k + 1 do   -- an index skipped leaves an empty call
           calls[j] = { id = cjson.null, type = "function", ["function"] = { name = "", arguments = "" } }
         end
-        call = { id = cjson.null, type = "function", ["function"] = { name = "", arguments = "" } }
-        calls[k + 1] = call
+        call = calls[k + 1]
       end
       if type(tc.id) == "string" and tc.id ~= "" then call.id = tc.id end
       if type(tc.type) == "string" then call.type = tc.type end
@@ -658,7 +671,11 @@ local function stream_event(st, data)
     if type(delta) == "table" then
       local text = delta.content
       if type(text) ~= "string" then text = nil end
-      local tools = add_tool_calls(st, idx, delta.tool_calls)
+      local tools, terr = add_tool_calls(st, idx, delta.tool_calls)
+      if tools == nil then
+        st.perr = new_error("decode", terr)
+        return false
+      end
       if (text and text ~= "") or tools then
         if not st.delivered then
           st.delivered = true

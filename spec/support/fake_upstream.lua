@@ -243,8 +243,9 @@ end
 -- scenario step, else the timeline's current phase, else nil (behave
 -- normally).
 local function next_fault()
-  local h = ngx.var.http_x_fake_fault   -- the first one, if repeated
-  if h then return ngx.decode_args(h, 0) end
+  local h = ngx.var.http_x_fake_fault
+  -- repeated, newer nginx joins them with ", ": the first one counts
+  if h then return ngx.decode_args((h:match("^[^,]*")), 0) end
   local n = dict:get("steps")
   if n and n > 0 then
     local pos = dict:incr("step_pos", 1, 0)
@@ -389,10 +390,17 @@ end
 -- A streamed tool-call answer as providers send it: the first piece of each
 -- call brings its id, type and name, the arguments follow in pieces of 7
 -- bytes, calls one after another, then finish_reason "tool_calls".
-local function stream_tool_events(id, model, calls, created)
+-- Fault key tool_index: "none" leaves `index` out (as some providers do),
+-- a number sends it as the index of every call after the first.
+local function stream_tool_events(id, model, calls, created, f)
   local events, chunk = chunker(id, model, created)
+  local function index_of(i)
+    if f.tool_index == "none" then return nil end
+    if i > 1 and tonumber(f.tool_index) then return tonumber(f.tool_index) end
+    return i - 1
+  end
   for i, c in ipairs(calls) do
-    local first = { index = i - 1, id = c.id, type = c.type,
+    local first = { index = index_of(i), id = c.id, type = c.type,
                     ["function"] = { name = c["function"].name, arguments = "" } }
     if i == 1 then
       chunk({ role = "assistant", content = cjson.null, tool_calls = { first } })
@@ -401,7 +409,7 @@ local function stream_tool_events(id, model, calls, created)
     end
     local args = c["function"].arguments
     for pos = 1, #args, 7 do
-      chunk({ tool_calls = { { index = i - 1, ["function"] = { arguments = sub(args, pos, pos + 6) } } } })
+      chunk({ tool_calls = { { index = index_of(i), ["function"] = { arguments = sub(args, pos, pos + 6) } } } })
     end
   end
   chunk({}, "tool_calls")
@@ -440,7 +448,7 @@ local function chat(body, f)
   local calls = forced_tool_calls(req, content, id)
   if calls then
     if req.stream == true then
-      return send_stream(stream_tool_events(id, req.model, calls, created), f,
+      return send_stream(stream_tool_events(id, req.model, calls, created, f), f,
                          f.fault == "stream_die" and floor(tonumber(f.events) or 2) or nil)
     end
     local completion_tokens = 0
@@ -613,7 +621,7 @@ function _M.api()
   if fault == "stream_die" and ngx.var.uri == "/v1/chat/completions" then
     -- a request that forces tool calls gets its tool-call stream, cut short
     local req = cjson.decode(body)
-    if type(req) == "table" and req.tool_choice ~= nil and type(req.tools) == "table" then
+    if type(req) == "table" and forced_tool_calls(req, "", "") then
       return route(body, f)
     end
   end
