@@ -3,7 +3,8 @@
 -- lua-curl package, which is luacurl `curl`), one reused easy handle each:
 -- sequential small POSTs with keep-alive to the fake upstream on loopback.
 -- luacurl runs twice: as the issue's baseline (body and status only) and
--- giving what breaker.curl gives (a header table too). Then request_many with 16 in flight against the same requests one by one.
+-- giving what breaker.curl gives (a header table too). Then request_many
+-- with 16 in flight against the same requests one by one.
 -- Prints figures, asserts nothing.
 --
 --   LUA_PATH='lua/?.lua;lua/?/init.lua;spec/?.lua;;' LUA_CPATH='build/?.so;;' luajit bench/curl.lua
@@ -66,55 +67,39 @@ local function lua_curl_client(url)
   end, function() e:close() end
 end
 
-local function luacurl_client(url)
-  local luacurl = require "curl"
-  local sink, status = {}, nil
-  local e = luacurl.easy_init()
-  e:setopt(luacurl.OPT_URL, url)
-  e:setopt(luacurl.OPT_POSTFIELDS, BODY)
-  e:setopt(luacurl.OPT_HTTPHEADER, { "Content-Type: application/json", "Expect:" })
-  e:setopt(luacurl.OPT_TIMEOUT, 10)
-  e:setopt(luacurl.OPT_WRITEFUNCTION, function(buf, n) sink[#sink + 1] = buf; return n end)
-  e:setopt(luacurl.OPT_HEADERFUNCTION, function(buf, n)  -- the status, as breaker.curl gives it
-    local code = buf:match("^HTTP/%S+ (%d+)")
-    if code then status = tonumber(code) end
-    return n
-  end)
-  return function()
-    sink, status = {}, nil
-    check(e:perform() == 0 and status == 200, "luacurl request failed")
-    local _ = table.concat(sink)
-  end, function() end
-end
-
--- luacurl giving what breaker.curl gives: the status, a table of headers
--- (names lower-cased, repeats joined) and the body.
-local function luacurl_headers_client(url)
-  local luacurl = require "curl"
-  local sink, status, headers = {}, nil, nil
-  local e = luacurl.easy_init()
-  e:setopt(luacurl.OPT_URL, url)
-  e:setopt(luacurl.OPT_POSTFIELDS, BODY)
-  e:setopt(luacurl.OPT_HTTPHEADER, { "Content-Type: application/json", "Expect:" })
-  e:setopt(luacurl.OPT_TIMEOUT, 10)
-  e:setopt(luacurl.OPT_WRITEFUNCTION, function(buf, n) sink[#sink + 1] = buf; return n end)
-  e:setopt(luacurl.OPT_HEADERFUNCTION, function(buf, n)
-    local name, value = buf:match("^([^:%s]+):%s*(.-)%s*$")
-    if name then
-      name = name:lower()
-      local old = headers[name]
-      headers[name] = old and (old .. ", " .. value) or value
-    else
-      local code = buf:match("^HTTP/%S+ (%d+)")
-      if code then status, headers = tonumber(code), {} end
-    end
-    return n
-  end)
-  return function()
-    sink, status, headers = {}, nil, {}
-    check(e:perform() == 0 and status == 200 and headers["content-type"], "luacurl request failed")
-    local _ = table.concat(sink)
-  end, function() end
+-- luacurl with one reused easy handle. It collects the body and the status
+-- (as breaker.curl gives it); with `with_headers` also a table of headers,
+-- names lower-cased and repeats joined: then it gives what breaker.curl gives.
+local function luacurl_maker(with_headers)
+  return function(url)
+    local luacurl = require "curl"
+    local sink, status, headers = {}, nil, nil
+    local e = luacurl.easy_init()
+    e:setopt(luacurl.OPT_URL, url)
+    e:setopt(luacurl.OPT_POSTFIELDS, BODY)
+    e:setopt(luacurl.OPT_HTTPHEADER, { "Content-Type: application/json", "Expect:" })
+    e:setopt(luacurl.OPT_TIMEOUT, 10)
+    e:setopt(luacurl.OPT_WRITEFUNCTION, function(buf, n) sink[#sink + 1] = buf; return n end)
+    e:setopt(luacurl.OPT_HEADERFUNCTION, function(buf, n)
+      local name, value
+      if with_headers then name, value = buf:match("^([^:%s]+):%s*(.-)%s*$") end
+      if name then
+        name = name:lower()
+        local old = headers[name]
+        headers[name] = old and (old .. ", " .. value) or value
+      else
+        local code = buf:match("^HTTP/%S+ (%d+)")
+        if code then status, headers = tonumber(code), {} end
+      end
+      return n
+    end)
+    return function()
+      sink, status, headers = {}, nil, {}
+      check(e:perform() == 0 and status == 200 and (not with_headers or headers["content-type"]),
+            "luacurl request failed")
+      local _ = table.concat(sink)
+    end, function() end
+  end
 end
 
 local function socket_http_client(url)
@@ -135,8 +120,8 @@ if pcall(require, "cURL") then
 else
   local ok, m = pcall(require, "curl")
   if ok and type(m) == "table" and m.easy_init then
-    clients[#clients + 1] = { name = "luacurl", make = luacurl_client }
-    clients[#clients + 1] = { name = "luacurl+hdrs", make = luacurl_headers_client }
+    clients[#clients + 1] = { name = "luacurl", make = luacurl_maker(false) }
+    clients[#clients + 1] = { name = "luacurl+hdrs", make = luacurl_maker(true) }
   end
 end
 clients[#clients + 1] = { name = "socket.http", make = socket_http_client }
