@@ -131,6 +131,12 @@ describe("breaker.curl", function()
       -- no Expect: 100-continue round trip, no invented form content type
       assert.is_nil(echo.headers["expect"])
       assert.is_nil(echo.headers["content-type"])
+      -- nor for bodies around the 1024-byte threshold of older curl
+      for _, n in ipairs{ 10, 1024, 1025, 70000 } do
+        local e = cjson.decode(assert(t:request{ url = up.url .. "/echo", body = string.rep("y", n) }).body)
+        assert.are.equal(n, e.body_length)
+        assert.is_nil(e.headers["expect"])
+      end
     end)
 
     it("defaults to GET without a body and POST with one", function()
