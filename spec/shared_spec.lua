@@ -13,6 +13,8 @@ pcall(ffi.cdef, [[
   void brk_lock_word(uint32_t *word);
   void brk_unlock_word(uint32_t *word);
 ]])
+-- (struct breaker_block is declared by breaker's own FFI binding)
+pcall(ffi.cdef, "int brk_debug_half_record(struct breaker_block *b);")
 local C = ffi.C
 local core_lib = ffi.load(package.searchpath("breaker.core", package.cpath))
 
@@ -235,6 +237,52 @@ describe("breaker.shared", function()
       C.waitpid(pid, ffi.new("int[1]"), 0)
       assert.truthy(rejected_after, "allow() never saw the other process force the breaker open")
       assert.equal("forced_open", b:state())
+    end)
+
+    it("repairs a breaker whose lock holder died in the middle of a record", function()
+      local r = shared.new(uniq("repair"))
+      local b = breaker.new(uniq("half"), { window_size = 10, minimum_calls = 10,
+                                            failure_rate_threshold = 50 }, { shared = r })
+      for _ = 1, 10 do b:record(b:allow(), "success", 0.001) end
+      assert.equal(0, b:stats().failures)
+      local pid = C.fork()
+      if pid == 0 then
+        -- a failure written into the window, the running counts not yet
+        -- updated, the lock held: then the process is gone
+        core_lib.brk_debug_half_record(b._p)
+        C._exit(0)
+      end
+      C.waitpid(pid, ffi.new("int[1]"), 0)
+      local st = b:stats()                 -- takes the lock over and repairs
+      assert.equal(1, st.lock_takeovers)
+      assert.equal(10, st.calls)
+      assert.equal(1, st.failures)         -- the slot the dead process wrote counts
+      assert.equal(9, st.successes)
+      assert.equal("closed", b:state())
+      b:record(b:allow(), "success", 0.001) -- and it goes on as before
+      st = b:stats()
+      assert.same({ 10, 1, 1 }, { st.calls, st.failures, st.lock_takeovers })
+    end)
+
+    it("after a takeover, a time window's totals are rebuilt equal to its buckets", function()
+      local r = shared.new(uniq("repair-t"))
+      local b = breaker.new(uniq("half-t"), { window_type = "time", window_size = 10, minimum_calls = 1000 },
+                            { shared = r })
+      for i = 1, 30 do b:record(b:allow(), i % 3 == 0 and "failure" or "success", 0.001) end
+      b:record(b:allow(), "ignored", 0.001)
+      local before = b:stats()
+      -- a dead process holds the lock: the lock word is the block's fifth
+      -- uint32 (struct brk in src/breaker.c)
+      local pid = C.fork()
+      if pid == 0 then C._exit(0) end
+      C.waitpid(pid, ffi.new("int[1]"), 0)
+      ffi.cast("uint32_t *", b._p)[4] = pid
+      local after = b:stats()
+      assert.equal(1, after.lock_takeovers)
+      for _, k in ipairs{ "calls", "successes", "failures", "slow", "ignored", "rejected", "late" } do
+        assert.equal(before[k], after[k], k)
+      end
+      assert.same({ 30, 10, 1 }, { after.calls, after.failures, after.ignored })
     end)
 
     it("takes the lock over from a holder that exited but is not reaped yet", function()

@@ -81,6 +81,7 @@ struct brk {
 	uint32_t w_ignored, w_rejected, w_late;
 
 	uint64_t transitions, opened;
+	uint64_t lock_takeovers;        /* shared: locks taken over from dead holders */
 	uint64_t total_calls, total_failures, total_rejected;
 	uint64_t rng;
 
@@ -901,6 +902,7 @@ static void stats_nl(brk_t *b, brk_stats *st)
 		st->retry_after = HUGE_VAL;
 	st->transitions = b->transitions;
 	st->opened = b->opened;
+	st->lock_takeovers = b->lock_takeovers;
 	st->calls = b->w_calls;
 	st->failures = b->w_failures;
 	st->successes = b->w_calls - b->w_failures;
@@ -1004,13 +1006,15 @@ static int process_alive(uint32_t pid)
 	return !(p && p[1] == ' ' && (p[2] == 'Z' || p[2] == 'X'));
 }
 
-static __attribute__((noinline)) void lock_contended(uint32_t *word, uint32_t me)
+/* Returns 1 when the lock was taken over from a holder that died inside
+ * its critical section (what it guarded may be half updated), else 0. */
+static __attribute__((noinline)) int lock_contended(uint32_t *word, uint32_t me)
 {
 	unsigned spins = 0;
 	for (;;) {
 		uint32_t holder = 0;
 		if (__atomic_compare_exchange_n(word, &holder, me, 0, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
-			return;
+			return 0;
 		if (++spins < 2000) {
 #if defined(__x86_64__) || defined(__i386__)
 			__builtin_ia32_pause();
@@ -1020,18 +1024,20 @@ static __attribute__((noinline)) void lock_contended(uint32_t *word, uint32_t me
 		spins = 0;
 		if (holder != me && !process_alive(holder) &&
 		    __atomic_compare_exchange_n(word, &holder, me, 0, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
-			return; /* the holder died inside its critical section */
+			return 1; /* the holder died inside its critical section */
 		sched_yield();
 	}
 }
 
 /* The hot paths below use these inline copies: the exported functions are
- * reached through the PLT from inside this library. */
-static inline void lock_word(uint32_t *word)
+ * reached through the PLT from inside this library. lock_word returns 1
+ * when it took the lock over from a dead holder. */
+static inline int lock_word(uint32_t *word)
 {
 	uint32_t me = self_pid(), free_word = 0;
 	if (!__atomic_compare_exchange_n(word, &free_word, me, 0, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
-		lock_contended(word, me);
+		return lock_contended(word, me);
+	return 0;
 }
 
 static inline void unlock_word(uint32_t *word)
@@ -1041,7 +1047,7 @@ static inline void unlock_word(uint32_t *word)
 
 void brk_lock_word(uint32_t *word)
 {
-	lock_word(word);
+	(void)lock_word(word);
 }
 
 void brk_unlock_word(uint32_t *word)
@@ -1049,9 +1055,73 @@ void brk_unlock_word(uint32_t *word)
 	unlock_word(word);
 }
 
+/* Under a lock taken over from a holder that died inside its critical
+ * section: rebuilds the window's running counts from what they are kept
+ * for (the count window's slots, the time window's buckets) and brings
+ * indexes back in range, so a half-done update does not stay. Everything
+ * else is either written in one store or only ever counted up. */
+static void repair_nl(brk_t *b)
+{
+	uint32_t i;
+	if (b->cfg.window_type == BRK_WINDOW_COUNT) {
+		uint32_t calls = 0, failures = 0, slow = 0;
+		for (i = 0; i < b->cfg.window_size; i++) {
+			uint8_t v = b->window[i];
+			if (v & SLOT_USED) {
+				calls++;
+				failures += (v & SLOT_FAIL) ? 1 : 0;
+				slow += (v & SLOT_SLOW) ? 1 : 0;
+			}
+		}
+		b->w_calls = calls;
+		b->w_failures = failures;
+		b->w_slow = slow;
+		if (b->pos >= b->cfg.window_size)
+			b->pos = 0;
+	} else {
+		uint32_t n = b->cfg.window_buckets;
+		brk_bucket *bk = buckets(b);
+		b->w_calls = b->w_failures = b->w_slow = 0;
+		b->w_ignored = b->w_rejected = b->w_late = 0;
+		for (i = 0; i < n; i++) {
+			b->w_calls += bk[i].calls;
+			b->w_failures += bk[i].failures;
+			b->w_slow += bk[i].slow;
+			b->w_ignored += bk[i].ignored;
+			b->w_rejected += bk[i].rejected;
+			b->w_late += bk[i].late;
+		}
+		if (b->head_slot >= n)
+			b->head_slot = slot_of(b->head_epoch, n);
+	}
+	if (b->probes_granted > b->cfg.half_open_calls)
+		b->probes_granted = b->cfg.half_open_calls;
+	if (b->probes_succeeded > b->probes_granted)
+		b->probes_succeeded = b->probes_granted;
+	b->lock_takeovers++;
+}
+
+/* Takes a shared block's lock; repairs the block when its holder had died. */
+static inline void lock_block(brk_t *b)
+{
+	if (lock_word(&b->lock))
+		repair_nl(b);
+}
+
 #define LOCKED(b) ((b)->flags & BRK_F_SHARED)
-#define LOCK(b) do { if (LOCKED(b)) lock_word(&(b)->lock); } while (0)
+#define LOCK(b) do { if (LOCKED(b)) lock_block(b); } while (0)
 #define UNLOCK(b) do { if (LOCKED(b)) unlock_word(&(b)->lock); } while (0)
+
+int brk_debug_half_record(brk_t *b)
+{
+	if (!LOCKED(b) || b->cfg.window_type != BRK_WINDOW_COUNT)
+		return -1;
+	lock_block(b);
+	b->window[b->pos] = SLOT_USED | SLOT_FAIL;
+	if (++b->pos == b->cfg.window_size)
+		b->pos = 0;
+	return 0; /* the lock stays held */
+}
 
 double brk_allow(brk_t *b)
 {
@@ -1065,7 +1135,7 @@ double brk_allow(brk_t *b)
 	g = __atomic_load_n(&b->gen, __ATOMIC_ACQUIRE);
 	if (__atomic_load_n(&b->state, __ATOMIC_ACQUIRE) == BRK_CLOSED)
 		return (double)g * 4.0 + PERMIT_CLOSED;
-	lock_word(&b->lock);
+	lock_block(b);
 	r = allow_nl(b);
 	unlock_word(&b->lock);
 	return r;
@@ -1096,7 +1166,7 @@ record_general(brk_t *b, double permit, int outcome, double latency, double retr
 			record_slow(b, permit, outcome, latency, retry_after);
 		return;
 	}
-	lock_word(&b->lock);
+	lock_block(b);
 	if (!record_fast(b, permit, outcome, latency))
 		record_slow(b, permit, outcome, latency, retry_after);
 	unlock_word(&b->lock);

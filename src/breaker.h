@@ -106,6 +106,7 @@ typedef struct brk_stats {
 	double p50, p90, p99;            /* latency seconds, -1 without samples */
 	uint32_t latency_samples;
 	size_t memory;                   /* bytes of the breaker's block */
+	uint64_t lock_takeovers;         /* shared: locks taken over from dead holders */
 } brk_stats;
 
 typedef struct brk brk_t;
@@ -183,6 +184,12 @@ int brk_check_block(const brk_t *b, size_t avail);
  * holding the holder's pid; a dead holder's lock is taken over. */
 void brk_lock_word(uint32_t *word);
 void brk_unlock_word(uint32_t *word);
+
+/* For specs only: leaves b as a process killed inside a record would. It
+ * takes b's lock, writes a failure into the next count-window slot without
+ * updating the running counts, and returns with the lock still held (the
+ * caller then exits). 0, or -1 unless b is a shared count-window breaker. */
+int brk_debug_half_record(brk_t *b);
 
 /* ---- clock ------------------------------------------------------------- */
 

@@ -388,6 +388,7 @@ static int m_stats(lua_State *L)
 		SETN("retry_after", st.retry_after);
 	SETN("transitions", st.transitions);
 	SETN("opened", st.opened);
+	SETN("lock_takeovers", st.lock_takeovers);
 	SETN("calls", st.calls);
 	SETN("successes", st.successes);
 	SETN("failures", st.failures);
