@@ -342,7 +342,7 @@ local BREAKER_FIELDS = {
   "generation", "time_in_state", "transitions", "opened", "calls", "successes", "failures",
   "slow", "ignored", "rejected", "late", "failure_rate", "slow_rate", "consecutive_failures",
   "half_open_granted", "half_open_succeeded", "reopen_level", "open_duration",
-  "total_calls", "total_failures", "total_rejected",
+  "total_calls", "total_failures", "total_rejected", "lock_takeovers",
 }
 
 local function breaker_entry(name, b)
@@ -625,6 +625,8 @@ local BREAKER_SERIES = {
   { "breaker_rejected_total", "counter", "Calls the breaker rejected without running them.", "total_rejected" },
   { "breaker_transitions_total", "counter", "State transitions.", "transitions" },
   { "breaker_opened_total", "counter", "Times the breaker opened.", "opened" },
+  { "breaker_lock_takeovers_total", "counter",
+    "Shared breakers: locks taken over from a process that died holding them.", "lock_takeovers" },
   { "breaker_window_calls", "gauge", "Successes and failures in the current window.", "calls" },
   { "breaker_window_failures", "gauge", "Failures in the current window.", "failures" },
   { "breaker_window_slow_calls", "gauge", "Slow calls in the current window.", "slow" },
