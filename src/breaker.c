@@ -803,7 +803,7 @@ fast_ok(const brk_t *b, double permit, int outcome, double latency)
 	       b->w_calls != b->cfg.minimum_calls - 1;
 }
 
-/* A fast success into the count window, branch-free but for one test. */
+/* A fast success into the count window's ring, branch-free but for one test. */
 static inline __attribute__((always_inline)) void count_success(brk_t *b)
 {
 	uint32_t pos = b->pos;
@@ -819,6 +819,11 @@ static inline __attribute__((always_inline)) void count_success(brk_t *b)
 	}
 	pos++;
 	b->pos = pos == b->cfg.window_size ? 0 : pos;
+}
+
+/* What every fast success counts besides its window. */
+static inline __attribute__((always_inline)) void success_counts(brk_t *b)
+{
 	if (b->consec_failures != 0)
 		b->consec_failures = 0;
 	b->total_calls++;
@@ -838,10 +843,8 @@ static int record_fast(brk_t *b, double permit, int outcome, double latency)
 			return 0;
 		buckets(b)[b->head_slot].calls++;
 		b->w_calls++;
-		if (b->consec_failures != 0)
-			b->consec_failures = 0;
-		b->total_calls++;
 	}
+	success_counts(b);
 	hist_add(b, latency);
 	return 1;
 }
@@ -1154,6 +1157,7 @@ record_fast_count(brk_t *b, double permit, int outcome, double latency)
 	if (b->hist[h] + 1u >= HIST_DECAY)
 		return 0;
 	count_success(b);
+	success_counts(b);
 	b->hist[h]++;
 	return 1;
 }

@@ -69,8 +69,9 @@ struct http_client {
 	int verify_tls;
 	char *ca_file;            /* owned copies, or NULL */
 	char *ca_path;
-	char *ua_line;                /* "User-Agent: ..." request header line, or NULL */
-	struct curl_slist *proxy_headers; /* headers for a proxy's CONNECT: the User-Agent */
+	/* The one line "User-Agent: ..." (or NULL): added to each request's
+	 * headers, and the whole header list of a proxy's CONNECT. */
+	struct curl_slist *ua_header;
 };
 
 struct http_request {
@@ -256,8 +257,7 @@ int http_is_token(const char *s, size_t len)
 	return 1;
 }
 
-/* 1 when s[0, len) holds no CR, LF or NUL: it cannot end a header line. */
-static int is_field_value(const char *s, size_t len)
+int http_is_field_value(const char *s, size_t len)
 {
 	size_t i;
 	for (i = 0; i < len; i++)
@@ -297,7 +297,7 @@ http_client *http_client_new(const http_client_config *cfg, char *err, size_t er
 		return NULL;
 	}
 	if (cfg->user_agent != NULL &&
-	    !is_field_value(cfg->user_agent, strlen(cfg->user_agent))) {
+	    !http_is_field_value(cfg->user_agent, strlen(cfg->user_agent))) {
 		snprintf(err, errlen, "user_agent must not contain CR or LF");
 		return NULL;
 	}
@@ -313,18 +313,14 @@ http_client *http_client_new(const http_client_config *cfg, char *err, size_t er
 	 * curl formats anew for every request. */
 	if (cfg->user_agent != NULL && !failed) {
 		size_t n = strlen(cfg->user_agent) + sizeof("User-Agent: ");
-		c->ua_line = malloc(n);
-		if (c->ua_line == NULL)
-			failed = 1;
-		else
-			snprintf(c->ua_line, n, "User-Agent: %s", cfg->user_agent);
-		/* the request's headers stay between us and the server (and
-		 * never reach a proxy), but a proxy sees who we are */
-		if (c->ua_line != NULL) {
-			c->proxy_headers = curl_slist_append(NULL, c->ua_line);
-			if (c->proxy_headers == NULL)
-				failed = 1;
+		char *line = malloc(n);
+		if (line != NULL) {
+			snprintf(line, n, "User-Agent: %s", cfg->user_agent);
+			c->ua_header = curl_slist_append(NULL, line); /* copies it */
+			free(line);
 		}
+		if (c->ua_header == NULL)
+			failed = 1;
 	}
 	c->multi = failed ? NULL : curl_multi_init();
 	if (c->multi == NULL) {
@@ -350,8 +346,7 @@ void http_client_free(http_client *c)
 		curl_multi_cleanup(c->multi);
 	free(c->ca_file);
 	free(c->ca_path);
-	free(c->ua_line);
-	curl_slist_free_all(c->proxy_headers);
+	curl_slist_free_all(c->ua_header);
 	free(c);
 }
 
@@ -537,7 +532,7 @@ static int spec_is_valid(const http_request_spec *spec)
 		return 0;
 	for (i = 0; i < spec->nheaders; i++) {
 		const http_header *h = &spec->headers[i];
-		if (!http_is_token(h->name, h->name_len) || !is_field_value(h->value, h->value_len))
+		if (!http_is_token(h->name, h->name_len) || !http_is_field_value(h->value, h->value_len))
 			return 0;
 	}
 	return 1;
@@ -569,7 +564,7 @@ static int build_headers(const http_client *c, http_request *r, const http_reque
 	    add_line(&r->headers, "Content-Type:") != 0)
 		return -1;
 	/* the client's User-Agent, unless the request brings its own */
-	if (c->ua_line != NULL && !has_agent && add_line(&r->headers, c->ua_line) != 0)
+	if (c->ua_header != NULL && !has_agent && add_line(&r->headers, c->ua_header->data) != 0)
 		return -1;
 	return 0;
 }
@@ -594,11 +589,11 @@ static void setup_handle(http_client *c, http_request *r)
 		opt_str(r, CURLOPT_CAPATH, c->ca_path);
 	opt_long(r, CURLOPT_TCP_KEEPALIVE, 1L);
 	/* Request headers (the Authorization among them) go to the server only;
-	 * a proxy's CONNECT gets proxy_headers. curl's default since 7.42.1,
+	 * a proxy's CONNECT gets only the User-Agent. curl's default since 7.42.1,
 	 * set here so that it holds whatever the build. */
 	opt_long(r, CURLOPT_HEADEROPT, CURLHEADER_SEPARATE);
-	if (c->proxy_headers != NULL)
-		opt_slist(r, CURLOPT_PROXYHEADER, c->proxy_headers);
+	if (c->ua_header != NULL)
+		opt_slist(r, CURLOPT_PROXYHEADER, c->ua_header);
 }
 
 /* Gives r a configured handle: an idle one from c's pool, or a new one. */

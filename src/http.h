@@ -140,4 +140,8 @@ int http_parse_retry_after_ms(const char *s, size_t len, double *out);
  * header name. Shared by the C API's checks and the Lua binding's. */
 int http_is_token(const char *s, size_t len);
 
+/* 1 when s[0, len) holds no CR, LF or NUL, so it cannot end a header line
+ * early: a valid header value. Shared like http_is_token. */
+int http_is_field_value(const char *s, size_t len);
+
 #endif

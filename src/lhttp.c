@@ -201,15 +201,6 @@ static const char *c_string(lua_State *L, int idx, const char *what, const char 
 	return s;
 }
 
-static int has_crlf_nul(const char *s, size_t len)
-{
-	size_t i;
-	for (i = 0; i < len; i++)
-		if (s[i] == '\r' || s[i] == '\n' || s[i] == '\0')
-			return 1;
-	return 0;
-}
-
 /* http:// or https:// followed by a non-empty rest without spaces or
  * control characters. */
 static int is_http_url(const char *s, size_t len)
@@ -352,7 +343,7 @@ static int l_new(lua_State *L)
 		size_t len;
 		cfg.user_agent = c_string(L, -1, what, "user_agent");
 		len = strlen(cfg.user_agent);
-		if (has_crlf_nul(cfg.user_agent, len))
+		if (!http_is_field_value(cfg.user_agent, len))
 			throw(L, "new.user_agent must not contain CR or LF");
 	}
 	rawfield(L, 1, "timeout");
@@ -455,7 +446,7 @@ static void read_headers(lua_State *L, transport *t, run_ctx *ctx, size_t *used,
 			      luaL_typename(L, -1));
 		if (lua_type(L, -1) == LUA_TSTRING) {
 			value = lua_tolstring(L, -1, &vlen);
-			if (has_crlf_nul(value, vlen))
+			if (!http_is_field_value(value, vlen))
 				throw(L, "%s.headers['%s'] contains CR, LF or NUL", what, name);
 		}
 		n++;

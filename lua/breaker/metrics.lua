@@ -30,6 +30,14 @@ local type, pairs, ipairs, tostring, tonumber, error, pcall, setmetatable, getme
       type, pairs, ipairs, tostring, tonumber, error, pcall, setmetatable, getmetatable, rawget
 local format, gsub, byte, sub, find = string.format, string.gsub, string.byte, string.sub, string.find
 local concat, sort = table.concat, table.sort
+
+-- The keys of t (strings), sorted: series come out in a stable order.
+local function sorted_keys(t)
+  local keys = {}
+  for k in pairs(t) do keys[#keys + 1] = k end
+  sort(keys)
+  return keys
+end
 local floor, huge = math.floor, math.huge
 
 local VERSION = require "breaker.version"
@@ -703,17 +711,11 @@ local function prometheus(snap)
   w:family("breaker_policy_bulkhead_rejected_total", "counter", "Calls a full bulkhead rejected.")
   for _, p in ipairs(snap.policies) do
     local lp = { "policy", p.name }
-    local reasons = {}
-    for r in pairs(p.retry_reasons) do reasons[#reasons + 1] = r end
-    sort(reasons)
-    for _, r in ipairs(reasons) do
+    for _, r in ipairs(sorted_keys(p.retry_reasons)) do
       w:sample("breaker_policy_retries_total", nil, { lp, { "reason", r } }, p.retry_reasons[r])
     end
     w:sample("breaker_policy_retry_wait_seconds_total", nil, { lp }, p.retry_wait)
-    local hows = {}
-    for h in pairs(p.fallbacks) do hows[#hows + 1] = h end
-    sort(hows)
-    for _, h in ipairs(hows) do
+    for _, h in ipairs(sorted_keys(p.fallbacks)) do
       w:sample("breaker_policy_fallbacks_total", nil, { lp, { "how", h } }, p.fallbacks[h])
     end
     w:sample("breaker_policy_budget_exhausted_total", nil, { lp }, p.budget_exhausted)

@@ -234,6 +234,15 @@ async function tileInfo(page, name) {
   }, name);
 }
 
+// The tile once its colours have settled (the border colour eases in over
+// 0.3 s after a state change, to the badge's colour).
+async function settledTile(page, name, what) {
+  return waitFor(what, 3000, async () => {
+    const i = await tileInfo(page, name);
+    return i && i.border === i.badgeColor ? i : null;
+  }, 50);
+}
+
 async function main() {
   let up, srv, context, traffic;
   const userDataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'breaker-chromium-'));
@@ -316,11 +325,7 @@ async function main() {
     await control(up, 'timeline', { phases: [{ name: 'outage', duration: 600, fault: '500' }] });
     await waitFor('the fake-upstream tile to turn open', 20000, async () =>
       (await tileState(page, 'fake-upstream')) === 'open', 50);
-    // (the border colour eases in over 0.3 s)
-    const open = await waitFor('the open tile\'s colours', 3000, async () => {
-      const i = await tileInfo(page, 'fake-upstream');
-      return i && i.border === i.badgeColor ? i : null;
-    }, 50);
+    const open = await settledTile(page, 'fake-upstream', 'the open tile\'s colours');
     check(open.state === 'open' && /\bstate-open\b/.test(open.cls), 'the failing breaker\'s tile turns open');
     check(open.badge === 'open', 'its badge says open');
     check(open.badgeColor === 'rgb(229, 72, 77)' && open.border === 'rgb(229, 72, 77)',
@@ -342,10 +347,7 @@ async function main() {
     await control(up, 'reset');
     await waitFor('the fake-upstream tile to turn closed again', 25000, async () =>
       (await tileState(page, 'fake-upstream')) === 'closed', 50);
-    const closed = await waitFor('the closed tile\'s colours', 3000, async () => {
-      const i = await tileInfo(page, 'fake-upstream');
-      return i && i.border === i.badgeColor ? i : null;
-    }, 50);
+    const closed = await settledTile(page, 'fake-upstream', 'the closed tile\'s colours');
     check(closed.state === 'closed' && closed.badgeColor === 'rgb(47, 179, 107)' && closed.probe === '',
       'after recovery the tile is closed and green again, with no probe countdown');
     check(closed.reqPoints.split(' ').length >= 5, 'the tile\'s chart has drawn the last samples');
