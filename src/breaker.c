@@ -730,7 +730,11 @@ record_slow(brk_t *b, double permit, int outcome, double latency, double retry_a
 		have_now = 1;
 	}
 
-	if (pgen != b->gen) {
+	/* A result of an earlier generation is late. So is one of this
+	 * generation that is not a probe's while half-open: only a caller that
+	 * read the generation and the state out of order can hold such a
+	 * permit, and it must not pass for a probe. */
+	if (pgen != b->gen || (b->state == BRK_HALF_OPEN && kind != PERMIT_PROBE)) {
 		window_side(b, SIDE_LATE, now);
 		return;
 	}
@@ -764,15 +768,6 @@ record_slow(brk_t *b, double permit, int outcome, double latency, double retry_a
 		b->consec_failures = failed ? b->consec_failures + 1 : 0;
 		break;
 	case BRK_HALF_OPEN:
-		/* Only a probe permit speaks for a half-open breaker. (A closed
-		 * permit of this generation can only come from a caller that
-		 * read the generation and the state out of order.) */
-		if (kind != PERMIT_PROBE) {
-			b->total_calls--;
-			b->total_failures -= (uint64_t)failed;
-			window_side(b, SIDE_LATE, now);
-			break;
-		}
 		b->probe_progress = now;
 		if (failed) {
 			b->reopen_level++;

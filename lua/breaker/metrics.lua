@@ -78,11 +78,11 @@ local function slot_for(b)
   if dict then
     local keys = {}
     for i = 1, #bounds do keys[i] = hkey(name, i) end
-    h = { dict = dict, keys = keys, sum_key = hkey(name, "sum"), count_key = hkey(name, "count") }
+    h = { dict = dict, keys = keys, sum_key = hkey(name, "sum") }
   else
     h = hists[name]
     if not h then
-      h = { sum = 0, count = 0 }
+      h = { sum = 0 }
       for i = 1, #bounds do h[i] = 0 end
       hists[name] = h
     end
@@ -105,38 +105,33 @@ local function observe(b, outcome, latency)
   if d then
     d:incr(h.keys[i], 1, 0)
     d:incr(h.sum_key, latency, 0)
-    d:incr(h.count_key, 1, 0)
   else
     h[i] = h[i] + 1
     h.sum = h.sum + latency
-    h.count = h.count + 1
   end
 end
 
 -- Reads a breaker's histogram: cumulative counts per bound, sum, count.
+-- Every observation lands in exactly one bucket (the last bound is +Inf),
+-- so the count is the buckets' total: the +Inf bucket.
 local function read_hist(name)
   local cum, acc = {}, 0
-  local sum, count = 0, 0
+  local sum = 0
   if dict then
     for i = 1, #bounds do
       acc = acc + (dict:get(hkey(name, i)) or 0)
       cum[i] = acc
     end
     sum = dict:get(hkey(name, "sum")) or 0
-    count = dict:get(hkey(name, "count")) or 0
   else
     local h = hists[name]
     for i = 1, #bounds do
       acc = acc + (h and h[i] or 0)
       cum[i] = acc
     end
-    if h then sum, count = h.sum, h.count end
+    if h then sum = h.sum end
   end
-  -- In the shared dict the cells are separate increments: a scrape between
-  -- them could see count behind the buckets. The +Inf bucket is the count.
-  if count < acc then count = acc end
-  cum[#cum] = count
-  return cum, sum, count
+  return cum, sum, acc
 end
 
 -- Policy counters: family -> label names.
@@ -429,6 +424,8 @@ local function llm_entries(extra)
     local name = label(c.name)
     local e = map[name]
     if not e then
+      -- token and cost totals are summed from the models below: a client
+      -- object only has to report per-model figures
       e = { client = name, models = array(), prompt_tokens = 0, completion_tokens = 0,
             total_tokens = 0, cost = 0, _models = {} }
       for _, k in ipairs(LLM_TOTAL_FIELDS) do e[k] = 0 end
