@@ -572,6 +572,27 @@ describe("breaker.llm", function()
       assert.is_true(os.clock() - t0 < 1)
     end)
 
+    it("takes a provider that ignores stream and answers in one document", function()
+      local c = client()
+      up:scenario{ { fault = "ok", ignore_stream = true }, { fault = "ok", ignore_stream = true } }
+      local parts = {}
+      local res, err = c:chat_stream{ messages = user("all at once"),
+                                      on_delta = function(text) parts[#parts + 1] = text end }
+      assert.is_nil(err)
+      assert.same({ "all at once" }, parts)
+      assert.equal("all at once", res.choices[1].message.content)
+      assert.equal("stop", res.choices[1].finish_reason)
+      assert.is_table(res.usage)
+      res, err = c:chat_stream{ messages = user("tools at once"), tools = TOOLS, tool_choice = "required",
+                                on_delta = function() end }
+      assert.is_nil(err)
+      local calls = res.choices[1].message.tool_calls
+      assert.same({ "search", "lookup_weather" }, { calls[1]["function"].name, calls[2]["function"].name })
+      assert.same({ query = "tools at once" }, cjson.decode(calls[2]["function"].arguments))
+      assert.equal(cjson.null, res.choices[1].message.content)
+      assert.equal("tool_calls", res.choices[1].finish_reason)
+    end)
+
     it("a stream that dies inside a tool call reports the calls received so far", function()
       local c = client()
       -- events: the first call's opening piece and two 7-byte argument pieces

@@ -646,6 +646,8 @@ local function add_tool_calls(st, idx, list)
 end
 
 -- Handles one SSE event; false stops the stream.
+local stream_chunk
+
 local function stream_event(st, data)
   if data == "[DONE]" then st.done = true; return true end
   local doc, derr = decode(data)
@@ -653,6 +655,11 @@ local function stream_event(st, data)
     st.perr = new_error("decode", "bad JSON in a stream event: " .. tostring(derr))
     return false
   end
+  return stream_chunk(st, doc)
+end
+
+-- Handles one decoded chat.completion.chunk; false stops the stream.
+function stream_chunk(st, doc)
   if type(doc.error) == "table" then
     local e = doc.error
     st.perr = new_error("http_status", tostring(e.message or "error event in the stream"),
@@ -699,7 +706,14 @@ local function stream_transport(self, m, st)
   local inner = self.transport
   local w = {}
   local feed
-  local function on_chunk(chunk) return feed(chunk) end
+  -- The bytes of an attempt until its first event: a server that ignores
+  -- "stream" answers with one JSON document, which the transport streams to
+  -- on_chunk all the same, and which holds no event.
+  local raw
+  local function on_chunk(chunk)
+    if raw and st.chunks == 0 then raw[#raw + 1] = chunk else raw = nil end
+    return feed(chunk)
+  end
   function w.request(_, r)
     if st.delivered then
       -- Only a foreign policy object retries a delivered stream: refuse.
@@ -708,13 +722,22 @@ local function stream_transport(self, m, st)
     st.done, st.perr, st.aborted, st.usage = false, false, false, false
     st.texts, st.tools, st.finish, st.meta, st.chunks = {}, {}, {}, {}, 0
     feed = _M.sse_parser(function(data) return stream_event(st, data) end)
+    raw = {}
     r.on_chunk = on_chunk
     local res, terr = inner:request(r)
+    local whole  -- the body of an answer that came as one JSON document
     if res and res.streamed then
       if terr == nil and not st.aborted and not st.perr then feed(nil) end
+      if terr == nil and raw and st.chunks == 0 and not st.perr and not st.aborted then
+        whole = concat(raw)
+      end
     elseif res and res.status and res.status >= 200 and res.status < 300 then
+      whole = res.body or ""   -- a transport that does not stream
+    end
+    raw = nil
+    if whole then
       -- A provider that ignored "stream": one JSON completion.
-      local doc = decode(res.body or "")
+      local doc = decode(whole)
       local c1 = type(doc) == "table" and type(doc.choices) == "table" and doc.choices[1]
       local msg = type(c1) == "table" and type(c1.message) == "table" and c1.message or nil
       local calls = msg and type(msg.tool_calls) == "table" and msg.tool_calls or nil
@@ -729,9 +752,9 @@ local function stream_transport(self, m, st)
             end
           end
         end
-        stream_event(st, encode({ id = doc.id, model = doc.model, created = doc.created,
+        stream_chunk(st, { id = doc.id, model = doc.model, created = doc.created,
           choices = { { index = 0, delta = delta, finish_reason = c1.finish_reason } },
-          usage = doc.usage }))
+          usage = doc.usage })
         st.done = true
         res.streamed = true
       end

@@ -445,9 +445,12 @@ local function chat(body, f)
   content = content or "Hello from the fake upstream."
   local id = "chatcmpl-fake" .. dict:incr("ids", 1, 0)
   local created = ngx.time()
+  -- fault key ignore_stream: answer in one JSON document even when asked
+  -- to stream, as some OpenAI-compatible servers do
+  local stream = req.stream == true and not f.ignore_stream
   local calls = forced_tool_calls(req, content, id)
   if calls then
-    if req.stream == true then
+    if stream then
       return send_stream(stream_tool_events(id, req.model, calls, created, f), f,
                          f.fault == "stream_die" and floor(tonumber(f.events) or 2) or nil)
     end
@@ -461,7 +464,7 @@ local function chat(body, f)
                 total_tokens = prompt_tokens + completion_tokens },
     }, f)
   end
-  if req.stream == true then
+  if stream then
     return send_stream(stream_events(id, req.model, content, created), f)
   end
   local completion_tokens = tokens(content)
