@@ -351,6 +351,36 @@ describe("breaker.curl", function()
       assert.is_nil(tostring(err):find(SECRET, 1, true))
     end)
 
+    it("takes its proxy from the environment as it was when the transport was made", function()
+      local ok, ffi = pcall(require, "ffi")
+      if not ok then pending("needs LuaJIT's ffi to set the proxy environment") return end
+      pcall(ffi.cdef, "int setenv(const char *, const char *, int); int unsetenv(const char *);")
+      local names = { "http_proxy", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY",
+                      "no_proxy", "NO_PROXY" }
+      local saved = {}
+      for _, k in ipairs(names) do
+        saved[k] = os.getenv(k)
+        ffi.C.unsetenv(k)
+      end
+      local before = curl.new{ timeout = 5 }
+      -- a proxy that refuses every connection
+      ffi.C.setenv("http_proxy", "http://127.0.0.1:" .. helper.free_port(), 1)
+      local after = curl.new{ timeout = 5 }
+      ffi.C.setenv("no_proxy", "127.0.0.1", 1)
+      local exempt = curl.new{ timeout = 5 }
+      for _, k in ipairs(names) do ffi.C.unsetenv(k) end
+      for k, v in pairs(saved) do ffi.C.setenv(k, v, 1) end
+      local url = up.url .. "/echo"
+      local res1 = before:request{ url = url }
+      local res2, err2 = after:request{ url = url }
+      local res3 = exempt:request{ url = url }
+      before:close(); after:close(); exempt:close()
+      assert.are.equal(200, res1 and res1.status)   -- made with no proxy set
+      assert.is_nil(res2)                           -- made with http_proxy set
+      is_error(err2, "connect")
+      assert.are.equal(200, res3 and res3.status)   -- no_proxy names the host
+    end)
+
     it("reports a name that does not resolve as dns", function()
       local _, err = t:request{ url = "http://nonexistent.invalid/v1/models" }
       is_error(err, "dns")
@@ -870,5 +900,145 @@ describe("breaker.curl over TLS", function()
     local _, err = t:request{ url = up.url .. "/echo" }
     t:close()
     is_error(err, "tls")
+  end)
+end)
+
+-- Providers answer HTTPS over HTTP/2 (chosen by ALPN); the fake upstream does
+-- too unless told otherwise. Its control endpoints are read through a
+-- transport of their own (lua-socket speaks no TLS); they are never counted
+-- as API requests or connections.
+describe("breaker.curl over HTTPS with HTTP/2", function()
+  local up, h1
+
+  local function control(server, method, path)
+    local ctl = curl.new{ ca_file = server.ca_file, timeout = 10 }
+    local res = assert(ctl:request{ method = method, url = server.url .. "/_control/" .. path,
+                                    body = method == "POST" and "" or nil })
+    ctl:close()
+    assert.are.equal(200, res.status, res.body)
+    return cjson.decode(res.body)
+  end
+
+  lazy_setup(function()
+    up = helper.upstream.start{ tls = true, api_key = false }
+    h1 = helper.upstream.start{ tls = true, http2 = false, api_key = false }
+  end)
+
+  lazy_teardown(function()
+    if up then up:stop() end
+    if h1 then h1:stop() end
+  end)
+
+  local function transport(server)
+    return curl.new{ ca_file = server.ca_file, timeout = 10 }
+  end
+
+  it("speaks HTTP/2 to a server that offers it, HTTP/1.1 to one that does not", function()
+    for server, version in pairs{ [up] = 2, [h1] = 1.1 } do
+      local t = transport(server)
+      local res = assert(t:request{ url = server.url .. "/echo" })
+      t:close()
+      assert.are.equal(200, res.status)
+      assert.are.equal(version, cjson.decode(res.body).http_version)
+    end
+  end)
+
+  it("runs request_many from a cold transport over one shared connection", function()
+    control(up, "POST", "reset")
+    local t = transport(up)
+    local list = {}
+    for i = 1, 16 do
+      list[i] = { method = "POST", url = up.url .. "/v1/embeddings", headers = { ["x-n"] = tostring(i) },
+                  body = cjson.encode{ model = "text-embedding-fake", input = "text " .. i } }
+    end
+    local out = t:request_many(list)
+    t:close()
+    for i = 1, 16 do
+      assert.is_nil(out[i].err)
+      assert.are.equal(200, out[i].res.status)
+      assert.are.equal(2, cjson.decode(out[i].res.body).usage.prompt_tokens) -- "text N"
+    end
+    local stats = control(up, "GET", "stats")
+    assert.are.equal(16, stats.requests)
+    assert.are.equal(1, stats.connections)
+  end)
+
+  it("opens a connection per request for request_many to an HTTPS server without HTTP/2", function()
+    control(h1, "POST", "reset")
+    local t = transport(h1)
+    local list = {}
+    for i = 1, 6 do
+      list[i] = { url = h1.url .. "/v1/models", headers = { ["x-fake-fault"] = "fault=slow&delay=0.2" } }
+    end
+    local out = t:request_many(list)
+    t:close()
+    for i = 1, 6 do assert.are.equal(200, out[i].res.status) end
+    local stats = control(h1, "GET", "stats")
+    assert.are.equal(6, stats.requests)
+    assert.are.equal(6, stats.connections)  -- in parallel, not queued behind one
+  end)
+
+  it("reports a stream the server resets as reset, and keeps the connection", function()
+    control(up, "POST", "reset")
+    local t = transport(up)
+    assert(t:request{ url = up.url .. "/v1/models" })
+    for _, f in ipairs{ "fault=reset", "fault=reset&after=request", "fault=stream_die&events=1" } do
+      local res, err = t:request{ method = "POST", url = up.url .. "/v1/chat/completions",
+                                  headers = { ["x-fake-fault"] = f },
+                                  body = cjson.encode{ model = "gpt-fake", stream = true,
+                                                       messages = { { role = "user", content = "hi" } } } }
+      assert.is_nil(res, f)
+      is_error(err, "reset")
+      assert.matches("HTTP/2 stream", err.message)
+    end
+    assert.are.equal(200, assert(t:request{ url = up.url .. "/v1/models" }).status)
+    t:close()
+    local stats = control(up, "GET", "stats")
+    assert.are.equal(5, stats.requests)
+    assert.are.equal(1, stats.connections)
+  end)
+
+  it("streams events over HTTP/2, and an aborted stream leaves the connection usable", function()
+    control(up, "POST", "reset")
+    local t = transport(up)
+    local body = cjson.encode{ model = "gpt-fake", stream = true,
+                               messages = { { role = "user", content = "one two three four five" } } }
+    local chunks = {}
+    local res = assert(t:request{ method = "POST", url = up.url .. "/v1/chat/completions", body = body,
+                                  headers = { ["x-fake-fault"] = "fault=slow&body_delay=0.02" },
+                                  on_chunk = function(c) chunks[#chunks + 1] = c end })
+    assert.are.equal(200, res.status)
+    assert.is_true(res.streamed)
+    assert.is_true(#chunks >= 4, "got " .. #chunks .. " chunks")
+    local content, done = sse_content(table.concat(chunks))
+    assert.are.equal("one two three four five", content)
+    assert.is_true(done)
+
+    local calls = 0
+    local _, err = t:request{ method = "POST", url = up.url .. "/v1/chat/completions", body = body,
+                              headers = { ["x-fake-fault"] = "fault=slow&body_delay=0.05" },
+                              on_chunk = function() calls = calls + 1; return false end }
+    is_error(err, "aborted")
+    assert.are.equal(1, calls)
+    assert.are.equal(200, assert(t:request{ url = up.url .. "/v1/models" }).status)
+    t:close()
+    local stats = control(up, "GET", "stats")
+    assert.are.equal(3, stats.requests)
+    assert.are.equal(1, stats.connections)
+  end)
+
+  it("keeps the request's headers and body intact over HTTP/2", function()
+    local t = transport(up)
+    local body = string.rep("x", 70000) .. "\n\n" .. SECRET
+    local res = assert(t:request{ method = "PUT", url = up.url .. "/echo?a=1&b=two",
+                                  headers = { ["x-one"] = "1", ["X-Mixed"] = "Value" }, body = body })
+    t:close()
+    local got = cjson.decode(res.body)
+    assert.are.equal("PUT", got.method)
+    assert.are.equal("a=1&b=two", got.args)
+    assert.are.equal("1", got.headers["x-one"])
+    assert.are.equal("Value", got.headers["x-mixed"])
+    assert.are.equal(#body, got.body_length)
+    assert.are.equal(body, got.body)
   end)
 end)

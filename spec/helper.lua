@@ -84,8 +84,9 @@ end
 -- accepts connections. opts: workers (default 1), api_key (default
 -- "sk-test-good"; false accepts any key), tls (true: https with a fresh
 -- self-signed certificate for the name localhost only; up.url is then
--- https://localhost:PORT and up.ca_file the certificate). Raises when it
--- cannot start.
+-- https://localhost:PORT and up.ca_file the certificate; it offers HTTP/2
+-- by ALPN, as providers do, unless http2 = false). Raises when it cannot
+-- start.
 function upstream.start(opts)
   opts = opts or {}
   local workers = opts.workers or 1
@@ -100,8 +101,9 @@ function upstream.start(opts)
   for _ = 1, 5 do  -- a port found free can be taken before nginx binds it
     local port = helper.free_port()
     local prefix = helper.tmp_dir .. "/upstream-" .. port
-    local cmd = format("WORKERS=%d API_KEY=%s TLS=%d %s start %s %d 2>&1", workers,
-                       shell_quote(api_key), opts.tls and 1 or 0, shell_quote(script), shell_quote(prefix), port)
+    local cmd = format("WORKERS=%d API_KEY=%s TLS=%d HTTP2=%d %s start %s %d 2>&1", workers,
+                       shell_quote(api_key), opts.tls and 1 or 0, opts.http2 == false and 0 or 1,
+                       shell_quote(script), shell_quote(prefix), port)
     local p = assert(io.popen(cmd))
     local out = p:read("*a")
     p:close()

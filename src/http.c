@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #define POOL_MAX 64                  /* idle easy handles a client keeps */
 #define HEADER_BYTES_MAX (256 * 1024) /* response header bytes accepted */
@@ -72,6 +73,12 @@ struct http_client {
 	/* The one line "User-Agent: ..." (or NULL): added to each request's
 	 * headers, and the whole header list of a proxy's CONNECT. */
 	struct curl_slist *ua_header;
+	/* The environment's proxy settings, read once when the client is made
+	 * (curl would call getenv up to seven times per request), each "" when
+	 * unset: the proxy for http and for https URLs, and no_proxy. */
+	char *proxy_http;
+	char *proxy_https;
+	char *no_proxy;
 };
 
 struct http_request {
@@ -152,6 +159,10 @@ static http_kind classify(CURLcode code)
 	case CURLE_RECV_ERROR:
 	case CURLE_GOT_NOTHING:
 	case CURLE_PARTIAL_FILE:
+	/* HTTP/2's reset: the server closed this request's stream (RST_STREAM)
+	 * before it was done; the connection itself may live on. Providers
+	 * answer HTTPS over HTTP/2, so this is their connection reset. */
+	case CURLE_HTTP2_STREAM:
 		return HTTP_ERESET;
 	case CURLE_FILESIZE_EXCEEDED:
 		return HTTP_ETOOLARGE;
@@ -165,7 +176,6 @@ static http_kind classify(CURLcode code)
 		return HTTP_EABORTED;
 	case CURLE_WEIRD_SERVER_REPLY:
 	case CURLE_HTTP2:
-	case CURLE_HTTP2_STREAM:
 	case CURLE_BAD_CONTENT_ENCODING:
 	case CURLE_TOO_MANY_REDIRECTS:
 	case CURLE_RANGE_ERROR:
@@ -286,6 +296,13 @@ static char *dup_or_null(const char *s, int *failed)
 	return d;
 }
 
+/* getenv, with an empty value taken as unset, as curl takes it. */
+static const char *env_value(const char *name)
+{
+	const char *v = getenv(name);
+	return v != NULL && v[0] != '\0' ? v : NULL;
+}
+
 http_client *http_client_new(const http_client_config *cfg, char *err, size_t errlen)
 {
 	http_client *c;
@@ -309,6 +326,24 @@ http_client *http_client_new(const http_client_config *cfg, char *err, size_t er
 	c->verify_tls = cfg->verify_tls;
 	c->ca_file = dup_or_null(cfg->ca_file, &failed);
 	c->ca_path = dup_or_null(cfg->ca_path, &failed);
+	{
+		/* the variables curl's own lookup reads, in its order: the
+		 * scheme's (HTTP_PROXY never: a CGI request could set it), then
+		 * all_proxy; no_proxy exempts hosts */
+		const char *all = env_value("all_proxy"), *h, *hs, *np;
+		if (all == NULL)
+			all = env_value("ALL_PROXY");
+		h = env_value("http_proxy");
+		hs = env_value("https_proxy");
+		if (hs == NULL)
+			hs = env_value("HTTPS_PROXY");
+		np = env_value("no_proxy");
+		if (np == NULL)
+			np = env_value("NO_PROXY");
+		c->proxy_http = dup_or_null(h != NULL ? h : all != NULL ? all : "", &failed);
+		c->proxy_https = dup_or_null(hs != NULL ? hs : all != NULL ? all : "", &failed);
+		c->no_proxy = dup_or_null(np != NULL ? np : "", &failed);
+	}
 	/* Sent as a header line of our own rather than CURLOPT_USERAGENT, which
 	 * curl formats anew for every request. */
 	if (cfg->user_agent != NULL && !failed) {
@@ -346,6 +381,9 @@ void http_client_free(http_client *c)
 		curl_multi_cleanup(c->multi);
 	free(c->ca_file);
 	free(c->ca_path);
+	free(c->proxy_http);
+	free(c->proxy_https);
+	free(c->no_proxy);
 	curl_slist_free_all(c->ua_header);
 	free(c);
 }
@@ -588,6 +626,7 @@ static void setup_handle(http_client *c, http_request *r)
 	if (c->ca_path != NULL)
 		opt_str(r, CURLOPT_CAPATH, c->ca_path);
 	opt_long(r, CURLOPT_TCP_KEEPALIVE, 1L);
+	opt_str(r, CURLOPT_NOPROXY, c->no_proxy);
 	/* Request headers (the Authorization among them) go to the server only;
 	 * a proxy's CONNECT gets only the User-Agent. curl's default since 7.42.1,
 	 * set here so that it holds whatever the build. */
@@ -612,11 +651,21 @@ static int take_easy(http_client *c, http_request *r)
 
 /* Sets the options of this request. Every option a previous request on the
  * same handle may have set is set again, so nothing leaks between them. */
-static void setup_request(http_request *r, const http_request_spec *spec)
+static void setup_request(const http_client *c, http_request *r, const http_request_spec *spec)
 {
 	const char *method = spec->method;
+	int https = strncasecmp(spec->url, "https:", 6) == 0;
 
 	opt_str(r, CURLOPT_URL, spec->url);
+	/* the environment's proxy for this scheme, as read by http_client_new
+	 * ("" is none; no_proxy, set with the handle, still exempts hosts) */
+	opt_str(r, CURLOPT_PROXY, https ? c->proxy_https : c->proxy_http);
+	/* An https request to a host whose connection is still being set up
+	 * waits to learn (by ALPN) whether it speaks HTTP/2, and then shares it
+	 * rather than opening a connection of its own: request_many to a
+	 * provider makes one TLS handshake, not one per request. Plain http is
+	 * HTTP/1.1 here, where waiting would only hold requests back. */
+	opt_long(r, CURLOPT_PIPEWAIT, https ? 1L : 0L);
 	opt_ptr(r, CURLOPT_ERRORBUFFER, r->errbuf);
 	opt_ptr(r, CURLOPT_PRIVATE, r);
 	opt_ptr(r, CURLOPT_WRITEDATA, r);
@@ -676,7 +725,7 @@ http_request *http_request_new(http_client *c, const http_request_spec *spec)
 		return r;
 	}
 	if (r->setup_error == CURLE_OK)
-		setup_request(r, spec);
+		setup_request(c, r, spec);
 	if (r->setup_error != CURLE_OK) {
 		CURLcode rc = r->setup_error;
 		fail(r, classify(rc) == HTTP_EOTHER ? HTTP_EOTHER : HTTP_EINVALID, (int)rc,

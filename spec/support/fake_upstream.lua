@@ -132,10 +132,9 @@ end
 -- Bookkeeping: counters, scenario, rate limit
 ---------------------------------------------------------------------------
 
-local function count_request()
-  ngx.update_time()
+local function count_request(path)
   dict:incr("requests", 1, 0)
-  dict:incr("path:" .. ngx.var.uri, 1, 0)
+  dict:incr("path:" .. path, 1, 0)
   -- $connection is a serial number shared by all workers; the pid keeps the
   -- key unique even if it were not.
   if dict:add("conn:" .. ngx.worker.pid() .. ":" .. ngx.var.connection, true) then
@@ -152,10 +151,24 @@ end
 -- taken apart only when /_control/last_request asks for it: the lengths of
 -- method, path and args on a first line, then those three, then the raw
 -- header block up to its blank line, then the body.
-local function remember_request(body)
-  local method, path, args = ngx.req.get_method(), ngx.var.uri, ngx.var.args or ""
-  dict:set("last_request", concat({ format("%d %d %d\n", #method, #path, #args), method, path, args,
-                                    ngx.req.raw_header(true), sub(body, 1, 65536) }))
+-- The request's header block as it came: HTTP/1 keeps it raw; HTTP/2 has
+-- none (ngx.req.raw_header refuses it), so its decoded fields are written
+-- out in the same "name: value" lines.
+local function header_block()
+  if ngx.req.http_version() ~= 2 then return ngx.req.raw_header(true) end
+  local lines = {}
+  for name, value in pairs(ngx.req.get_headers(100, true)) do
+    if type(value) ~= "table" then value = { value } end
+    for _, v in ipairs(value) do lines[#lines + 1] = name .. ": " .. v .. "\r\n" end
+  end
+  lines[#lines + 1] = "\r\n"
+  return concat(lines)
+end
+
+local function remember_request(method, path, body)
+  local args = ngx.var.args or ""
+  dict:set("last_request", concat({ #method, " ", #path, " ", #args, "\n", method, path, args,
+                                    header_block(), sub(body, 1, 65536) }))
 end
 
 -- The remembered request as JSON: method, path, args, headers (names lower
@@ -199,6 +212,7 @@ end
 local function timeline_fault()
   local start = dict:get("tl_start")
   if not start then return nil end
+  ngx.update_time()
   local t = ngx.now() - start
   if t < 0 then return nil end
   local acc = 0
@@ -477,7 +491,16 @@ local function chat(body, f)
   }, f)
 end
 
+-- An embeddings answer depends on the request body alone, so a worker keeps
+-- the answers to its last bodies: a benchmark's thousands of identical
+-- requests then cost the server no JSON work, and the figures measure the
+-- clients rather than cjson's number formatting.
+local EMBED_CACHE_MAX, EMBED_BODY_MAX = 256, 8192
+local embed_cache, embed_cached = {}, 0
+
 local function embeddings(body, f)
+  local cached = embed_cache[body]
+  if cached then return send_body(200, cached, "application/json", f) end
   local req = cjson.decode(body)
   if type(req) ~= "table" or type(req.model) ~= "string" then
     return send_error(400, "you must provide a model parameter", "invalid_request_error")
@@ -500,8 +523,13 @@ local function embeddings(body, f)
     end
     data[i] = { object = "embedding", index = i - 1, embedding = v }
   end
-  return send_json(200, { object = "list", data = data, model = req.model,
-                          usage = { prompt_tokens = used, total_tokens = used } }, f)
+  local answer = json_encode({ object = "list", data = data, model = req.model,
+                               usage = { prompt_tokens = used, total_tokens = used } })
+  if #body <= EMBED_BODY_MAX then
+    if embed_cached >= EMBED_CACHE_MAX then embed_cache, embed_cached = {}, 0 end
+    embed_cache[body], embed_cached = answer, embed_cached + 1
+  end
+  return send_body(200, answer, "application/json", f)
 end
 
 local function models(f)
@@ -523,6 +551,7 @@ local function echo(body, f)
     body_length = #body,
     body_md5 = ngx.md5(body),
     connection = tonumber(ngx.var.connection),
+    http_version = ngx.req.http_version(),
   }, f)
 end
 
@@ -541,8 +570,7 @@ local ROUTES = {
   ["/v1/models"] = { "GET", models, true },
 }
 
-local function route(body, f)
-  local path, method = ngx.var.uri, ngx.req.get_method()
+local function route(method, path, body, f)
   if path == "/echo" then return echo(body, f) end
   if path == "/headers" then return headers(body, f) end
   local r = ROUTES[path]
@@ -603,9 +631,10 @@ end
 
 -- Entry point for every non-control request.
 function _M.api()
-  count_request()
+  local method, path = ngx.req.get_method(), ngx.var.uri
+  count_request(path)
   local body = read_body()
-  remember_request(body)
+  remember_request(method, path, body)
   local f = next_fault() or {}
   local fault = f.fault or "ok"
   local delay = tonumber(f.delay)
@@ -613,7 +642,7 @@ function _M.api()
   if delay and delay > 0 then ngx.sleep(delay) end
   set_retry_headers(f)
 
-  if fault == "ok" or fault == "slow" then return route(body, f) end
+  if fault == "ok" or fault == "slow" then return route(method, path, body, f) end
   if fault == "reset" then return reset(f) end
   if fault == "quota" then
     return send_error(429, "You exceeded your current quota, please check your plan and " ..
@@ -621,11 +650,11 @@ function _M.api()
   end
   if fault == "malformed" then return malformed(f) end
   if fault == "oversize" then return oversize(f) end
-  if fault == "stream_die" and ngx.var.uri == "/v1/chat/completions" then
+  if fault == "stream_die" and path == "/v1/chat/completions" then
     -- a request that forces tool calls gets its tool-call stream, cut short
     local req = cjson.decode(body)
     if type(req) == "table" and forced_tool_calls(req, "", "") then
-      return route(body, f)
+      return route(method, path, body, f)
     end
   end
   if fault == "stream_die" then

@@ -8,7 +8,9 @@
 #
 # Environment: WORKERS (default 1), API_KEY (default sk-test-good; empty means
 # no key check), TLS (1: serve https with a fresh self-signed certificate for
-# the name localhost only, written to DIR/conf/cert.pem), NGINX (default nginx). Everything the server writes (config,
+# the name localhost only, written to DIR/conf/cert.pem), HTTP2 (with TLS:
+# 1, the default, also offers HTTP/2 by ALPN, as providers do; 0 serves
+# HTTP/1.1 only), NGINX (default nginx). Everything the server writes (config,
 # pid, logs, temp files) stays under DIR. See README.md.
 set -eu
 # A sanitizer preloaded into the specs' interpreter must not leak into nginx
@@ -53,6 +55,7 @@ start() {
 			-keyout "$dir/conf/key.pem" -out "$dir/conf/cert.pem" 2>/dev/null \
 			|| die "openssl could not make a certificate"
 		ssl=" ssl"
+		case ${HTTP2:-1} in 1) ssl=" ssl http2" ;; 0) ;; *) die "HTTP2 must be 0 or 1" ;; esac
 		ssl_cert="ssl_certificate $dir/conf/cert.pem; ssl_certificate_key $dir/conf/key.pem;"
 	fi
 	sed -e "s|@PORT@|$port|g" -e "s|@WORKERS@|$workers|g" -e "s|@PREFIX@|$dir|g" \
