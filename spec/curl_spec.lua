@@ -601,6 +601,21 @@ describe("breaker.curl", function()
       assert.is_true(up:stats().connections >= 2)
     end)
 
+    it("keeps a batch's connections open for the next batch", function()
+      local many = curl.new()
+      local batch = {}
+      for i = 1, 16 do batch[i] = { url = up.url .. "/echo?i=" .. i } end
+      for round = 1, 10 do
+        for i, r in ipairs(many:request_many(batch)) do
+          assert(r.res and r.res.status == 200, "round " .. round .. " request " .. i)
+        end
+      end
+      many:close()
+      -- 16 opened by the first batch, reused by the nine others
+      assert.are.equal(160, up:stats().requests)
+      assert.are.equal(16, up:stats().connections)
+    end)
+
     it("mixes responses and errors per request", function()
       local results = t:request_many{
         { url = up.url .. "/echo" },

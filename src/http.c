@@ -14,6 +14,7 @@
 #include <strings.h>
 
 #define POOL_MAX 64                  /* idle easy handles a client keeps */
+#define IDLE_CONNECTIONS 64          /* open connections a client keeps, at least */
 #define HEADER_BYTES_MAX (256 * 1024) /* response header bytes accepted */
 #define MESSAGE_MAX (CURL_ERROR_SIZE + 160)
 
@@ -363,10 +364,16 @@ http_client *http_client_new(const http_client_config *cfg, char *err, size_t er
 		http_client_free(c);
 		return NULL;
 	}
-	if (cfg->max_connections > 0) {
+	/* The connection cache's size. curl's default is four per easy handle
+	 * in the multi, and requests leave the multi as they finish: the last
+	 * ones of a request_many batch returned their connections to a cache
+	 * sized for two or three handles and closed others, so every batch of
+	 * 16 opened new connections (a TLS handshake each over https). */
+	curl_multi_setopt(c->multi, CURLMOPT_MAXCONNECTS,
+	                  cfg->max_connections > IDLE_CONNECTIONS ? cfg->max_connections
+	                                                          : (long)IDLE_CONNECTIONS);
+	if (cfg->max_connections > 0)
 		curl_multi_setopt(c->multi, CURLMOPT_MAX_HOST_CONNECTIONS, cfg->max_connections);
-		curl_multi_setopt(c->multi, CURLMOPT_MAXCONNECTS, cfg->max_connections);
-	}
 	return c;
 }
 
