@@ -13,7 +13,8 @@
 #include <string.h>
 #include <strings.h>
 
-#define POOL_MAX 64                  /* idle easy handles a client keeps */
+#define POOL_MAX 64                  /* idle requests (with handles) a client keeps */
+#define KEEP_BUF_MAX (64 * 1024)     /* a pooled request keeps buffers up to this */
 #define IDLE_CONNECTIONS 64          /* open connections a client keeps, at least */
 #define HEADER_BYTES_MAX (256 * 1024) /* response header bytes accepted */
 #define MESSAGE_MAX (CURL_ERROR_SIZE + 160)
@@ -29,10 +30,25 @@ typedef struct buf {
 } buf;
 
 /* Appends n bytes; returns 0, or -1 when out of memory (buffer unchanged). */
+static char *buf_reserve(buf *b, size_t n);
+
 static int buf_append(buf *b, const char *p, size_t n)
 {
-	if (n > SIZE_MAX - b->len - 1)
+	char *at = buf_reserve(b, n);
+	if (at == NULL)
 		return -1;
+	memcpy(at, p, n);
+	b->len += n;
+	b->data[b->len] = '\0';
+	return 0;
+}
+
+/* Makes room for n more bytes (and the NUL kept after them); returns the
+ * place to write them, or NULL when out of memory (buffer unchanged). */
+static char *buf_reserve(buf *b, size_t n)
+{
+	if (n > SIZE_MAX - b->len - 1)
+		return NULL;
 	if (b->len + n + 1 > b->cap) {
 		size_t cap = b->cap ? b->cap : 256;
 		char *data;
@@ -40,14 +56,11 @@ static int buf_append(buf *b, const char *p, size_t n)
 			cap = cap > SIZE_MAX / 2 ? SIZE_MAX : cap * 2;
 		data = realloc(b->data, cap);
 		if (data == NULL)
-			return -1;
+			return NULL;
 		b->data = data;
 		b->cap = cap;
 	}
-	memcpy(b->data + b->len, p, n);
-	b->len += n;
-	b->data[b->len] = '\0';
-	return 0;
+	return b->data + b->len;
 }
 
 static void buf_free(buf *b)
@@ -66,7 +79,10 @@ enum { BODY_UNDECIDED, BODY_BUFFER, BODY_STREAM };
 
 struct http_client {
 	CURLM *multi;             /* owned; holds the connection cache */
-	CURL *idle[POOL_MAX];     /* owned idle easy handles, reset before reuse */
+	/* Finished requests kept for reuse, each with its configured curl
+	 * handle and its buffers: the next request skips the allocations and
+	 * the options that would be set to the same values again. */
+	http_request *idle[POOL_MAX];
 	size_t nidle;
 	int verify_tls;
 	char *ca_file;            /* owned copies, or NULL */
@@ -83,8 +99,24 @@ struct http_client {
 };
 
 struct http_request {
-	CURL *easy;                   /* owned until freed or returned to a pool */
-	struct curl_slist *headers;   /* owned request header list */
+	/* Kept while the request waits in its client's pool. The handle's
+	 * ERRORBUFFER, PRIVATE, WRITEDATA and HEADERDATA point at this struct,
+	 * set once; set_* remember what the last request gave curl. */
+	CURL *easy;                   /* owned */
+	char *hdr_block;              /* owned: header list nodes and lines */
+	size_t hdr_cap;
+	buf body_buf;                 /* owned: buffered response body */
+	buf head_buf;                 /* owned: "name\0value\0" pairs */
+	http_header *index;           /* owned: built from head_buf when done */
+	size_t index_cap;
+	buf set_url;                  /* CURLOPT_URL as last set */
+	long set_timeout_ms, set_connect_ms;
+	curl_off_t set_max_body;
+	int set_https;                /* -1 before the first request */
+	int set_nobody, set_custom;   /* NOBODY 1 / a CUSTOMREQUEST is set */
+
+	/* This request's own, cleared by http_request_new */
+	struct curl_slist *headers;   /* into hdr_block, or NULL */
 	const char *body;             /* borrowed from the spec */
 	size_t body_len;
 	size_t max_body;
@@ -95,10 +127,7 @@ struct http_request {
 	int in_multi;                 /* added to the client's multi handle */
 	int done;                     /* result is final */
 	CURLcode setup_error;         /* first option curl refused */
-	buf body_buf;                 /* owned: buffered response body */
-	buf head_buf;                 /* owned: "name\0value\0" pairs */
 	size_t head_bytes;            /* raw header bytes of this response */
-	http_header *index;           /* owned: built from head_buf when done */
 	char errbuf[CURL_ERROR_SIZE]; /* curl's CURLOPT_ERRORBUFFER */
 	char message[MESSAGE_MAX];
 	http_result result;
@@ -383,7 +412,7 @@ void http_client_free(http_client *c)
 	if (c == NULL)
 		return;
 	for (i = 0; i < c->nidle; i++)
-		curl_easy_cleanup(c->idle[i]);
+		http_request_free(NULL, c->idle[i]);
 	if (c->multi != NULL)
 		curl_multi_cleanup(c->multi);
 	free(c->ca_file);
@@ -409,8 +438,8 @@ static int is_space(char ch)
 static size_t on_header(char *p, size_t size, size_t nmemb, void *ud)
 {
 	http_request *r = ud;
-	size_t n = size * nmemb, len = n, i, colon;
-	char lower[256];
+	size_t n = size * nmemb, len = n, i, k, colon;
+	char *out;
 
 	r->head_bytes += n;
 	if (r->head_bytes > HEADER_BYTES_MAX) {
@@ -450,24 +479,28 @@ static size_t on_header(char *p, size_t size, size_t nmemb, void *ud)
 	}
 	for (colon = 0; colon < len && p[colon] != ':'; colon++)
 		;
-	if (colon == 0 || colon == len || colon >= sizeof(lower))
+	if (colon == 0 || colon == len || colon >= 256)
 		return n; /* not a header line; ignore it */
-	for (i = 0; i < colon; i++) {
-		char ch = p[i];
-		lower[i] = (ch >= 'A' && ch <= 'Z') ? (char)(ch - 'A' + 'a') : ch;
-	}
 	i = colon + 1;
 	while (i < len && is_space(p[i]))
 		i++;
 	while (len > i && is_space(p[len - 1]))
 		len--;
-	if (buf_append(&r->head_buf, lower, colon) != 0 ||
-	    buf_append(&r->head_buf, "", 1) != 0 ||
-	    buf_append(&r->head_buf, p + i, len - i) != 0 ||
-	    buf_append(&r->head_buf, "", 1) != 0) {
+	/* "name\0value\0", the name lower-cased on the way */
+	out = buf_reserve(&r->head_buf, colon + 1 + (len - i) + 1);
+	if (out == NULL) {
 		r->abort = ABORT_NOMEM;
 		return 0;
 	}
+	r->head_buf.len += colon + 1 + (len - i) + 1;
+	for (k = 0; k < colon; k++) {
+		char ch = p[k];
+		*out++ = (ch >= 'A' && ch <= 'Z') ? (char)(ch - 'A' + 'a') : ch;
+	}
+	*out++ = '\0';
+	memcpy(out, p + i, len - i);
+	out[len - i] = '\0';
+	out[len - i + 1] = '\0';  /* the buffer's own NUL after its bytes */
 	return n;
 }
 
@@ -524,46 +557,27 @@ static int header_is(const http_header *h, const char *name)
 	return 1;
 }
 
-/* Appends "name: value" (or "name;" for an empty value, which is how curl
- * is told to send an empty header) to *list. Returns 0 or -1. */
-static int add_header(struct curl_slist **list, const char *name, size_t name_len,
-                      const char *value, size_t value_len)
+/* Length of the line for h: "name: value", or "name;" for an empty value
+ * (how curl is told to send an empty header); without its NUL. */
+static size_t header_line_len(const http_header *h)
 {
-	struct curl_slist *next;
-	size_t n = name_len + 2 + value_len + 1;
-	char *line;
-
-	if (name_len > SIZE_MAX / 2 || value_len > SIZE_MAX / 2)
-		return -1;
-	line = malloc(n);
-	if (line == NULL)
-		return -1;
-	memcpy(line, name, name_len);
-	if (value_len == 0) {
-		line[name_len] = ';';
-		line[name_len + 1] = '\0';
-	} else {
-		line[name_len] = ':';
-		line[name_len + 1] = ' ';
-		memcpy(line + name_len + 2, value, value_len);
-		line[name_len + 2 + value_len] = '\0';
-	}
-	next = curl_slist_append(*list, line);
-	free(line);
-	if (next == NULL)
-		return -1;
-	*list = next;
-	return 0;
+	return h->name_len + (h->value_len == 0 ? 1 : 2 + h->value_len);
 }
 
-/* Appends a literal line to *list. Returns 0 or -1. */
-static int add_line(struct curl_slist **list, const char *line)
+static char *write_header_line(char *p, const http_header *h)
 {
-	struct curl_slist *next = curl_slist_append(*list, line);
-	if (next == NULL)
-		return -1;
-	*list = next;
-	return 0;
+	memcpy(p, h->name, h->name_len);
+	p += h->name_len;
+	if (h->value_len == 0) {
+		*p++ = ';';
+	} else {
+		*p++ = ':';
+		*p++ = ' ';
+		memcpy(p, h->value, h->value_len);
+		p += h->value_len;
+	}
+	*p++ = '\0';
+	return p;
 }
 
 /* 1 when every header of spec is a token name with a value that cannot
@@ -583,18 +597,26 @@ static int spec_is_valid(const http_request_spec *spec)
 	return 1;
 }
 
-/* Builds r's request header list from the spec. Returns 0 or -1. */
+/* Builds r's request header list from the spec, as curl_slist nodes and
+ * their lines in one block that the pooled request keeps (curl only reads
+ * the list). Returns 0 or -1. */
 static int build_headers(const http_client *c, http_request *r, const http_request_spec *spec)
 {
-	size_t i;
+	const char *extra[3];
+	size_t i, n = 0, nextra = 0, bytes = 0, need;
 	int has_expect = 0, has_type = 0, has_agent = 0;
+	struct curl_slist *nodes;
+	char *p;
 
 	for (i = 0; i < spec->nheaders; i++) {
 		const http_header *h = &spec->headers[i];
+		if (h->name_len > SIZE_MAX / 4 || h->value_len > SIZE_MAX / 4)
+			return -1;
 		has_expect |= header_is(h, "expect");
 		has_type |= header_is(h, "content-type");
 		has_agent |= header_is(h, "user-agent");
-		if (add_header(&r->headers, h->name, h->name_len, h->value, h->value_len) != 0)
+		bytes += header_line_len(h) + 1;
+		if (bytes > SIZE_MAX / 4)
 			return -1;
 	}
 	/* No "Expect: 100-continue" round trip, and no form content type that
@@ -602,15 +624,41 @@ static int build_headers(const http_client *c, http_request *r, const http_reque
 	 * tells curl to drop its own header. curl asks for 100-continue only
 	 * above 1024 bytes of body (1 MiB since 7.63), so a smaller body needs
 	 * no line (each costs curl some work on every request). */
-	if (!has_expect && spec->body != NULL && spec->body_len > 1024 &&
-	    add_line(&r->headers, "Expect:") != 0)
-		return -1;
-	if (spec->body != NULL && !has_type &&
-	    add_line(&r->headers, "Content-Type:") != 0)
-		return -1;
+	if (!has_expect && spec->body != NULL && spec->body_len > 1024)
+		extra[nextra++] = "Expect:";
+	if (spec->body != NULL && !has_type)
+		extra[nextra++] = "Content-Type:";
 	/* the client's User-Agent, unless the request brings its own */
-	if (c->ua_header != NULL && !has_agent && add_line(&r->headers, c->ua_header->data) != 0)
-		return -1;
+	if (c->ua_header != NULL && !has_agent)
+		extra[nextra++] = c->ua_header->data;
+	for (i = 0; i < nextra; i++)
+		bytes += strlen(extra[i]) + 1;
+	n = spec->nheaders + nextra;
+	r->headers = NULL;
+	if (n == 0)
+		return 0;
+	need = n * sizeof(struct curl_slist) + bytes;
+	if (need > r->hdr_cap) {
+		char *block = realloc(r->hdr_block, need);
+		if (block == NULL)
+			return -1;
+		r->hdr_block = block;
+		r->hdr_cap = need;
+	}
+	nodes = (struct curl_slist *)(void *)r->hdr_block;
+	p = r->hdr_block + n * sizeof(struct curl_slist);
+	for (i = 0; i < n; i++) {
+		nodes[i].data = p;
+		nodes[i].next = i + 1 < n ? &nodes[i + 1] : NULL;
+		if (i < spec->nheaders) {
+			p = write_header_line(p, &spec->headers[i]);
+		} else {
+			size_t len = strlen(extra[i - spec->nheaders]) + 1;
+			memcpy(p, extra[i - spec->nheaders], len);
+			p += len;
+		}
+	}
+	r->headers = nodes;
 	return 0;
 }
 
@@ -642,71 +690,130 @@ static void setup_handle(http_client *c, http_request *r)
 		opt_slist(r, CURLOPT_PROXYHEADER, c->ua_header);
 }
 
-/* Gives r a configured handle: an idle one from c's pool, or a new one. */
-static int take_easy(http_client *c, http_request *r)
+/* A request from c's pool, or a new one with a configured handle; NULL
+ * when out of memory. Its own fields are cleared either way. */
+static http_request *take_request(http_client *c)
 {
+	http_request *r;
 	if (c->nidle > 0) {
-		r->easy = c->idle[--c->nidle];
-		return 0;
+		r = c->idle[--c->nidle];
+	} else {
+		r = calloc(1, sizeof(*r));
+		if (r == NULL)
+			return NULL;
+		r->set_timeout_ms = r->set_connect_ms = -1;
+		r->set_max_body = -1;
+		r->set_https = -1;
+		r->easy = curl_easy_init();
+		if (r->easy == NULL) {
+			free(r);
+			return NULL;
+		}
+		setup_handle(c, r);
+		opt_ptr(r, CURLOPT_ERRORBUFFER, r->errbuf);
+		opt_ptr(r, CURLOPT_PRIVATE, r);
+		opt_ptr(r, CURLOPT_WRITEDATA, r);
+		opt_ptr(r, CURLOPT_HEADERDATA, r);
 	}
-	r->easy = curl_easy_init();
-	if (r->easy == NULL)
-		return -1;
-	setup_handle(c, r);
-	return 0;
+	r->headers = NULL;
+	r->body = NULL;
+	r->body_len = 0;
+	r->max_body = 0;
+	r->on_chunk = NULL;
+	r->chunk_ud = NULL;
+	r->body_mode = BODY_UNDECIDED;
+	r->abort = ABORT_NONE;
+	r->in_multi = 0;
+	r->done = 0;
+	/* setup_error stays: a handle that refused an option is never pooled */
+	r->head_bytes = 0;
+	r->body_buf.len = 0;
+	r->head_buf.len = 0;
+	r->errbuf[0] = '\0';
+	memset(&r->result, 0, sizeof(r->result));
+	return r;
 }
 
-/* Sets the options of this request. Every option a previous request on the
- * same handle may have set is set again, so nothing leaks between them. */
+/* Sets the options of this request: every option a previous request on
+ * the same handle may have set, unless it already holds this request's
+ * value, so nothing leaks between them. */
 static void setup_request(const http_client *c, http_request *r, const http_request_spec *spec)
 {
 	const char *method = spec->method;
 	int https = strncasecmp(spec->url, "https:", 6) == 0;
+	size_t url_len = strlen(spec->url);
+	curl_off_t max_body = spec->max_body < (size_t)INT64_MAX ? (curl_off_t)spec->max_body : 0;
 
-	opt_str(r, CURLOPT_URL, spec->url);
-	/* the environment's proxy for this scheme, as read by http_client_new
-	 * ("" is none; no_proxy, set with the handle, still exempts hosts) */
-	opt_str(r, CURLOPT_PROXY, https ? c->proxy_https : c->proxy_http);
-	/* An https request to a host whose connection is still being set up
-	 * waits to learn (by ALPN) whether it speaks HTTP/2, and then shares it
-	 * rather than opening a connection of its own: request_many to a
-	 * provider makes one TLS handshake, not one per request. Plain http is
-	 * HTTP/1.1 here, where waiting would only hold requests back. */
-	opt_long(r, CURLOPT_PIPEWAIT, https ? 1L : 0L);
-	opt_ptr(r, CURLOPT_ERRORBUFFER, r->errbuf);
-	opt_ptr(r, CURLOPT_PRIVATE, r);
-	opt_ptr(r, CURLOPT_WRITEDATA, r);
-	opt_ptr(r, CURLOPT_HEADERDATA, r);
-	opt_long(r, CURLOPT_TIMEOUT_MS, spec->timeout_ms);
-	opt_long(r, CURLOPT_CONNECTTIMEOUT_MS, spec->connect_timeout_ms);
-	opt_off(r, CURLOPT_MAXFILESIZE_LARGE,
-	        spec->max_body < (size_t)INT64_MAX ? (curl_off_t)spec->max_body : 0);
+	if (r->set_url.data == NULL || r->set_url.len != url_len ||
+	    memcmp(r->set_url.data, spec->url, url_len) != 0) {
+		opt_str(r, CURLOPT_URL, spec->url);
+		r->set_url.len = 0;
+		if (buf_append(&r->set_url, spec->url, url_len) != 0)
+			buf_free(&r->set_url);  /* set again next time */
+	}
+	if (https != r->set_https) {
+		/* the environment's proxy for this scheme, as read by
+		 * http_client_new ("" is none; no_proxy, set with the handle,
+		 * still exempts hosts) */
+		opt_str(r, CURLOPT_PROXY, https ? c->proxy_https : c->proxy_http);
+		/* An https request to a host whose connection is still being set
+		 * up waits to learn (by ALPN) whether it speaks HTTP/2, and then
+		 * shares it rather than opening a connection of its own:
+		 * request_many to a provider makes one TLS handshake, not one per
+		 * request. Plain http is HTTP/1.1 here, where waiting would only
+		 * hold requests back. */
+		opt_long(r, CURLOPT_PIPEWAIT, https ? 1L : 0L);
+		r->set_https = https;
+	}
+	if (spec->timeout_ms != r->set_timeout_ms) {
+		opt_long(r, CURLOPT_TIMEOUT_MS, spec->timeout_ms);
+		r->set_timeout_ms = spec->timeout_ms;
+	}
+	if (spec->connect_timeout_ms != r->set_connect_ms) {
+		opt_long(r, CURLOPT_CONNECTTIMEOUT_MS, spec->connect_timeout_ms);
+		r->set_connect_ms = spec->connect_timeout_ms;
+	}
+	if (max_body != r->set_max_body) {
+		opt_off(r, CURLOPT_MAXFILESIZE_LARGE, max_body);
+		r->set_max_body = max_body;
+	}
 	opt_slist(r, CURLOPT_HTTPHEADER, r->headers);
 
 	/* the method: NOBODY 0 first, as a HEAD before would otherwise stick */
 	if (method == NULL)
 		method = spec->body != NULL ? "POST" : "GET";
-	opt_long(r, CURLOPT_NOBODY, 0L);
-	opt_str(r, CURLOPT_CUSTOMREQUEST, NULL);
+	if (r->set_nobody) {
+		opt_long(r, CURLOPT_NOBODY, 0L);
+		r->set_nobody = 0;
+	}
+	if (r->set_custom) {
+		opt_str(r, CURLOPT_CUSTOMREQUEST, NULL);
+		r->set_custom = 0;
+	}
 	if (spec->body != NULL || strcmp(method, "POST") == 0) {
 		opt_off(r, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)spec->body_len);
 		opt_str(r, CURLOPT_POSTFIELDS, spec->body != NULL ? spec->body : "");
-		if (strcmp(method, "POST") != 0)
+		if (strcmp(method, "POST") != 0) {
 			opt_str(r, CURLOPT_CUSTOMREQUEST, method);
+			r->set_custom = 1;
+		}
 		return;
 	}
 	opt_str(r, CURLOPT_POSTFIELDS, NULL);
 	opt_off(r, CURLOPT_POSTFIELDSIZE_LARGE, -1);
 	opt_long(r, CURLOPT_HTTPGET, 1L);
-	if (strcmp(method, "HEAD") == 0)
+	if (strcmp(method, "HEAD") == 0) {
 		opt_long(r, CURLOPT_NOBODY, 1L);
-	else if (strcmp(method, "GET") != 0)
+		r->set_nobody = 1;
+	} else if (strcmp(method, "GET") != 0) {
 		opt_str(r, CURLOPT_CUSTOMREQUEST, method);
+		r->set_custom = 1;
+	}
 }
 
 http_request *http_request_new(http_client *c, const http_request_spec *spec)
 {
-	http_request *r = calloc(1, sizeof(*r));
+	http_request *r = take_request(c);
 	if (r == NULL)
 		return NULL;
 	r->result.kind = HTTP_EOTHER;
@@ -717,11 +824,13 @@ http_request *http_request_new(http_client *c, const http_request_spec *spec)
 	r->on_chunk = spec->on_chunk;
 	r->chunk_ud = spec->chunk_ud;
 	snprintf(r->message, sizeof(r->message), "request did not run");
-	if (take_easy(c, r) != 0) {
-		fail(r, HTTP_EOTHER, CURLE_FAILED_INIT, "curl_easy_init failed");
+	if (r->setup_error != CURLE_OK) {  /* a new handle refused a client option */
+		CURLcode rc = r->setup_error;
+		fail(r, classify(rc) == HTTP_EOTHER ? HTTP_EOTHER : HTTP_EINVALID, (int)rc,
+		     "request setup: %s", curl_easy_strerror(rc));
 		return r;
 	}
-	if (!spec_is_valid(spec)) {
+	if (!spec->checked && !spec_is_valid(spec)) {
 		/* never the value in the message: it may be a credential */
 		fail(r, HTTP_EINVALID, CURLE_BAD_FUNCTION_ARGUMENT,
 		     "invalid method or header (name not a token, or CR, LF or NUL in a value)");
@@ -731,8 +840,7 @@ http_request *http_request_new(http_client *c, const http_request_spec *spec)
 		fail(r, HTTP_EOTHER, CURLE_OUT_OF_MEMORY, "out of memory building request headers");
 		return r;
 	}
-	if (r->setup_error == CURLE_OK)
-		setup_request(c, r, spec);
+	setup_request(c, r, spec);
 	if (r->setup_error != CURLE_OK) {
 		CURLcode rc = r->setup_error;
 		fail(r, classify(rc) == HTTP_EOTHER ? HTTP_EOTHER : HTTP_EINVALID, (int)rc,
@@ -746,29 +854,47 @@ const http_result *http_request_result(const http_request *r)
 	return &r->result;
 }
 
+/* Drops a buffer bigger than a pooled request should hold on to. */
+static void trim_buf(buf *b)
+{
+	if (b->cap > KEEP_BUF_MAX)
+		buf_free(b);
+	b->len = 0;
+}
+
 void http_request_free(http_client *c, http_request *r)
 {
 	if (r == NULL)
 		return;
-	if (r->easy != NULL) {
-		if (r->in_multi && c != NULL)
-			curl_multi_remove_handle(c->multi, r->easy);
-		/* A handle curl refused an option on may lack client settings:
-		 * never pool it. A pooled one forgets r's pointers. */
-		if (c != NULL && c->nidle < POOL_MAX && r->setup_error == CURLE_OK) {
-			curl_easy_setopt(r->easy, CURLOPT_HTTPHEADER, (struct curl_slist *)NULL);
-			curl_easy_setopt(r->easy, CURLOPT_ERRORBUFFER, (char *)NULL);
-			curl_easy_setopt(r->easy, CURLOPT_WRITEDATA, (void *)NULL);
-			curl_easy_setopt(r->easy, CURLOPT_HEADERDATA, (void *)NULL);
-			curl_easy_setopt(r->easy, CURLOPT_PRIVATE, (void *)NULL);
-			c->idle[c->nidle++] = r->easy;
-		} else {
-			curl_easy_cleanup(r->easy);
+	if (r->easy != NULL && r->in_multi && c != NULL)
+		curl_multi_remove_handle(c->multi, r->easy);
+	r->in_multi = 0;
+	/* A request whose handle refused an option may lack client settings:
+	 * never pooled. A pooled one keeps its handle, whose options point at
+	 * it, and its buffers up to KEEP_BUF_MAX. */
+	if (c != NULL && c->nidle < POOL_MAX && r->easy != NULL && r->setup_error == CURLE_OK) {
+		trim_buf(&r->body_buf);
+		trim_buf(&r->head_buf);
+		if (r->hdr_cap > KEEP_BUF_MAX) {
+			free(r->hdr_block);
+			r->hdr_block = NULL;
+			r->hdr_cap = 0;
+			opt_slist(r, CURLOPT_HTTPHEADER, NULL);  /* no pointer into freed memory */
 		}
+		if (r->index_cap * sizeof(*r->index) > KEEP_BUF_MAX) {
+			free(r->index);
+			r->index = NULL;
+			r->index_cap = 0;
+		}
+		c->idle[c->nidle++] = r;
+		return;
 	}
-	curl_slist_free_all(r->headers);
+	if (r->easy != NULL)
+		curl_easy_cleanup(r->easy);
+	free(r->hdr_block);
 	buf_free(&r->body_buf);
 	buf_free(&r->head_buf);
+	buf_free(&r->set_url);
 	free(r->index);
 	free(r);
 }
@@ -797,9 +923,13 @@ static int index_headers(http_request *r)
 	n /= 2;
 	if (n == 0)
 		return 0;
-	r->index = malloc(n * sizeof(*r->index));
-	if (r->index == NULL)
-		return -1;
+	if (n > r->index_cap) {
+		http_header *index = realloc(r->index, n * sizeof(*index));
+		if (index == NULL)
+			return -1;
+		r->index = index;
+		r->index_cap = n;
+	}
 	off = 0;
 	for (i = 0; i < n; i++) {
 		http_header *h = &r->index[i];

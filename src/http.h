@@ -75,6 +75,10 @@ typedef struct http_request_spec {
 	size_t max_body;             /* bytes of body accepted (streamed too) */
 	http_chunk_fn on_chunk;      /* NULL: buffer the body */
 	void *chunk_ud;              /* passed to on_chunk, borrowed */
+	int checked;                 /* 1: the caller already checked method and
+	                              * headers with http_is_token and
+	                              * http_is_field_value, as the Lua binding
+	                              * does; 0: http_request_new checks them */
 } http_request_spec;
 
 /* The outcome of a finished request. Pointers are owned by the request and

@@ -130,12 +130,10 @@ static void keyfield(lua_State *L, int idx, int key)
 	lua_rawget(L, idx < 0 ? idx - 1 : idx);
 }
 
-/* t[key] = value on top, for the table just below it (raw). */
-static void setkey(lua_State *L, int key)
+/* Pushes a field name, for a lua_rawset once its value is pushed too. */
+static void pushkey(lua_State *L, int key)
 {
 	lua_pushvalue(L, lua_upvalueindex(key));
-	lua_insert(L, -2);
-	lua_rawset(L, -3);
 }
 
 /* Raises unless every key of the table at idx is one of `allowed`. */
@@ -420,20 +418,22 @@ static int anchor(lua_State *L, run_ctx *ctx)
 	return ctx->nanchored;
 }
 
-/* Reads headers (table at top of stack) into t->hdrs from *used on. */
+/* Reads headers (table at top of stack) into t->hdrs from *used on,
+ * checking each name and value as it goes. */
 static void read_headers(lua_State *L, transport *t, run_ctx *ctx, size_t *used, lreq *q,
                          const char *what)
 {
 	int tbl = lua_gettop(L);
-	size_t n = 0, i = 0;
-	http_header *hs;
+	size_t n = 0;
 
 	if (lua_type(L, tbl) != LUA_TTABLE)
 		throw(L, "%s.headers must be a table, got a %s", what, luaL_typename(L, tbl));
 	lua_pushnil(L);
 	while (lua_next(L, tbl) != 0) {
-		size_t nlen, vlen;
-		const char *name, *value;
+		http_header *h;
+		const char *name;
+		size_t nlen;
+		int vtype = lua_type(L, -1);
 		if (lua_type(L, -2) != LUA_TSTRING)
 			throw(L, "%s.headers: names must be strings, got a %s", what,
 			      luaL_typename(L, -2));
@@ -441,43 +441,29 @@ static void read_headers(lua_State *L, transport *t, run_ctx *ctx, size_t *used,
 		if (!http_is_token(name, nlen) || nlen > 255)
 			throw(L, "%s.headers: invalid header name (empty, too long, or with "
 			      "characters such as CR, LF, NUL, ':' or space)", what);
-		if (lua_type(L, -1) != LUA_TSTRING && lua_type(L, -1) != LUA_TNUMBER)
+		if (vtype != LUA_TSTRING && vtype != LUA_TNUMBER)
 			throw(L, "%s.headers['%s'] must be a string, got a %s", what, name,
 			      luaL_typename(L, -1));
-		if (lua_type(L, -1) == LUA_TSTRING) {
-			value = lua_tolstring(L, -1, &vlen);
-			if (!http_is_field_value(value, vlen))
-				throw(L, "%s.headers['%s'] contains CR, LF or NUL", what, name);
-		}
-		n++;
-		lua_pop(L, 1);
-	}
-	if (n == 0)
-		return;
-	reserve_headers(L, t, *used + n);
-	hs = t->hdrs + *used;
-	lua_pushnil(L);
-	while (lua_next(L, tbl) != 0) {
-		http_header *h;
-		if (i == n) {  /* cannot happen: the table did not change */
-			lua_pop(L, 2);
-			break;
-		}
-		h = &hs[i++];
-		h->name = lua_tolstring(L, -2, &h->name_len);
-		if (lua_type(L, -1) == LUA_TNUMBER) {
+		reserve_headers(L, t, *used + n + 1);
+		h = &t->hdrs[*used + n];
+		h->name = name;
+		h->name_len = nlen;
+		if (vtype == LUA_TNUMBER) {
 			/* convert a copy (never the key under lua_next) and keep it */
 			lua_pushvalue(L, -1);
 			h->value = lua_tolstring(L, -1, &h->value_len);
 			anchor(L, ctx);
 		} else {
 			h->value = lua_tolstring(L, -1, &h->value_len);
+			if (!http_is_field_value(h->value, h->value_len))
+				throw(L, "%s.headers['%s'] contains CR, LF or NUL", what, name);
 		}
+		n++;
 		lua_pop(L, 1);
 	}
 	q->hdr_off = *used;  /* spec.headers is set once t->hdrs stops moving */
-	q->spec.nheaders = i;
-	*used += i;
+	q->spec.nheaders = n;
+	*used += n;
 }
 
 static int chunk_cb(void *ud, const char *data, size_t len);
@@ -495,6 +481,7 @@ static void read_request(lua_State *L, transport *t, int idx, run_ctx *ctx, size
 
 	memset(q, 0, sizeof(*q));
 	q->ctx = ctx;
+	q->spec.checked = 1;  /* method and headers are checked here */
 	q->spec.timeout_ms = t->timeout_ms;
 	q->spec.connect_timeout_ms = t->connect_timeout_ms;
 	q->spec.max_body = t->max_body;
@@ -705,30 +692,36 @@ static void push_headers(lua_State *L, const http_result *res)
 
 static void set_number(lua_State *L, int key, double v)
 {
+	pushkey(L, key);
 	lua_pushnumber(L, v);
-	setkey(L, key);
+	lua_rawset(L, -3);
 }
 
 /* { status, headers, body, timing = { connect, first_byte, total } },
  * plus streamed = true when the body went to on_chunk (body is then ""). */
 static void push_response(lua_State *L, const http_result *res)
 {
-	lua_createtable(L, 0, 5);
+	lua_createtable(L, 0, res->streamed ? 5 : 4);
+	pushkey(L, K_STATUS);
 	lua_pushinteger(L, (lua_Integer)res->status);
-	setkey(L, K_STATUS);
+	lua_rawset(L, -3);
+	pushkey(L, K_HEADERS);
 	push_headers(L, res);
-	setkey(L, K_HEADERS);
+	lua_rawset(L, -3);
+	pushkey(L, K_BODY);
 	lua_pushlstring(L, res->body, res->body_len);
-	setkey(L, K_BODY);
+	lua_rawset(L, -3);
 	if (res->streamed) {
+		pushkey(L, K_STREAMED);
 		lua_pushboolean(L, 1);
-		setkey(L, K_STREAMED);
+		lua_rawset(L, -3);
 	}
+	pushkey(L, K_TIMING);
 	lua_createtable(L, 0, 3);
 	set_number(L, K_CONNECT, res->connect_time);
 	set_number(L, K_FIRST_BYTE, res->first_byte_time);
 	set_number(L, K_TOTAL, res->total_time);
-	setkey(L, K_TIMING);
+	lua_rawset(L, -3);
 }
 
 /* A breaker.error: kind, message (curl's words), curl_code, and the HTTP
