@@ -154,6 +154,36 @@ describe("breaker.curl", function()
       assert.are.equal("", head.body)
     end)
 
+    it("carries nothing over from one request to the next on the same handle", function()
+      local one = curl.new{ timeout = 5 }  -- one handle, reused by every request below
+      local function echo(req)
+        req.url = req.url or up.url .. "/echo"
+        return cjson.decode(assert(one:request(req)).body)
+      end
+      local e = echo{ method = "PUT", url = up.url .. "/echo?x=1", body = "abc", headers = { ["x-a"] = "1" } }
+      assert.are.same({ "PUT", "x=1", "abc", "1" }, { e.method, e.args, e.body, e.headers["x-a"] })
+      local head = assert(one:request{ method = "HEAD", url = up.url .. "/echo" })
+      assert.are.equal("", head.body)
+      e = echo{ url = up.url .. "/echo?x=2" }
+      assert.are.same({ "GET", "x=2", 0 }, { e.method, e.args, e.body_length })
+      assert.is_nil(e.headers["x-a"])
+      e = echo{ method = "DELETE" }
+      assert.are.same({ "DELETE", "", 0 }, { e.method, e.args, e.body_length })
+      e = echo{ body = "{}" }
+      assert.are.same({ "POST", "{}" }, { e.method, e.body })
+      e = echo{}
+      assert.are.equal("GET", e.method)
+      -- a short timeout and a small max_body apply to their request only
+      local _, err = one:request{ url = up.url .. "/echo", timeout = 0.1,
+                                  headers = { ["x-fake-fault"] = "fault=slow&delay=0.5" } }
+      is_error(err, "timeout")
+      assert(one:request{ url = up.url .. "/echo", headers = { ["x-fake-fault"] = "fault=slow&delay=0.3" } })
+      _, err = one:request{ url = up.url .. "/echo", max_body = 10 }
+      is_error(err, "too_large")
+      assert(one:request{ url = up.url .. "/echo" })
+      one:close()
+    end)
+
     it("joins repeated headers with ', ' and keeps set-cookie as a list", function()
       local res = assert(t:request{ url = up.url .. "/headers" })
       assert.are.equal("one, two", res.headers["x-multi"])
