@@ -257,6 +257,15 @@ describe("breaker.curl", function()
       raises(function() t:request("http://x") end, "table expected")
     end)
 
+    it("raises at the caller's line", function()
+      local line = debug.getinfo(1, "l").currentline + 1
+      local _, err = pcall(function() local r = t:request{ url = 5 }; return r end)
+      assert.matches("curl_spec.lua:" .. line .. ": breaker.curl: request.url", err, 1, true)
+      line = debug.getinfo(1, "l").currentline + 1
+      _, err = pcall(function() local r = t:request_many{ {} }; return r end)
+      assert.matches("curl_spec.lua:" .. line .. ": breaker.curl: requests[1].url", err, 1, true)
+    end)
+
     it("sends nothing when it raises", function()
       pcall(t.request, t, { url = url(), headers = { ["x-a"] = "\n" } })
       pcall(t.request, t, { url = url(), body = 1 })

@@ -88,11 +88,20 @@ typedef struct chunk_call {
  * Raising caller mistakes
  * ---------------------------------------------------------------------- */
 
-/* Raises "breaker.curl: <message>" at the Lua caller's position. */
+/* The chunk name of t:request's Lua wrapper (request_lua). */
+#define WRAPPER_SOURCE "=breaker.curl"
+
+/* Raises "breaker.curl: <message>" at the Lua caller's position: the
+ * caller of t:request's Lua wrapper when that is what called us. */
 static int throw(lua_State *L, const char *fmt, ...)
 {
 	va_list ap;
-	luaL_where(L, 1);
+	lua_Debug ar;
+	int level = 1;
+	if (lua_getstack(L, 1, &ar) && lua_getinfo(L, "S", &ar) &&
+	    strcmp(ar.source, WRAPPER_SOURCE) == 0)
+		level = 2;
+	luaL_where(L, level);
 	lua_pushliteral(L, "breaker.curl: ");
 	va_start(ap, fmt);
 	lua_pushvfstring(L, fmt, ap);
@@ -747,7 +756,7 @@ static void push_error(lua_State *L, const http_result *res)
 
 /* Runs the request tables at idx (one, or a list when many) and pushes the
  * results; returns the number of Lua results. */
-static int run(lua_State *L, transport *t, int idx, int many)
+static int run(lua_State *L, transport *t, int idx, int many, int raw)
 {
 	run_ctx ctx;
 	size_t n = 1, i, hdr_used = 0;
@@ -812,7 +821,21 @@ static int run(lua_State *L, transport *t, int idx, int many)
 	/* 4. results */
 	if (!many) {
 		const http_result *res = http_request_result(t->hreqs[0]);
-		if (res->kind == HTTP_OK) {
+		if (res->kind == HTTP_OK && raw) {
+			/* the parts of the response, for the Lua wrapper to put in
+			 * its table constructors */
+			lua_pushinteger(L, (lua_Integer)res->status);
+			push_headers(L, res);
+			lua_pushlstring(L, res->body, res->body_len);
+			lua_pushnumber(L, res->connect_time);
+			lua_pushnumber(L, res->first_byte_time);
+			lua_pushnumber(L, res->total_time);
+			if (res->streamed)
+				lua_pushboolean(L, 1);
+			else
+				lua_pushnil(L);
+			rc = 7;
+		} else if (res->kind == HTTP_OK) {
 			push_response(L, res);
 			rc = 1;
 		} else {
@@ -853,8 +876,43 @@ static int l_request(lua_State *L)
 	transport *t = check_transport(L, 1);
 	luaL_checktype(L, 2, LUA_TTABLE);
 	lua_settop(L, 2);
-	return run(L, t, 2, 0);
+	return run(L, t, 2, 0, 0);
 }
+
+/* What t:request's wrapper calls: the same checks and run, but the
+ * response comes back in parts (see request_lua). */
+static int l_request_raw(lua_State *L)
+{
+	transport *t = lua_touserdata(L, 1);
+	int ok = 0;
+	/* luaL_testudata, which Lua 5.1 lacks */
+	if (t != NULL && lua_getmetatable(L, 1)) {
+		luaL_getmetatable(L, TRANSPORT_MT);
+		ok = lua_rawequal(L, -1, -2);
+		lua_pop(L, 2);
+	}
+	if (!ok)
+		throw(L, "bad argument #1 to 'request' (breaker.curl transport expected, got %s)",
+		      luaL_typename(L, 1));
+	if (t->client == NULL)
+		throw(L, "transport is closed");
+	if (lua_type(L, 2) != LUA_TTABLE)
+		throw(L, "bad argument #2 to 'request' (table expected, got %s)", luaL_typename(L, 2));
+	lua_settop(L, 2);
+	return run(L, t, 2, 0, 1);
+}
+
+/* t:request in Lua around l_request_raw: LuaJIT builds the response and
+ * timing tables from templates, cheaper than field by field through the
+ * C API. */
+static const char request_lua[] =
+	"local raw = ...\n"
+	"return function(self, req)\n"
+	"  local status, headers, body, connect, first_byte, total, streamed = raw(self, req)\n"
+	"  if not status then return nil, headers end\n"
+	"  return { status = status, headers = headers, body = body, streamed = streamed,\n"
+	"           timing = { connect = connect, first_byte = first_byte, total = total } }\n"
+	"end\n";
 
 /* t:request_many{ req1, req2, ... } -> { { res = ... } | { err = ... }, ... }
  * in input order; the requests run in parallel over the transport's
@@ -864,7 +922,7 @@ static int l_request_many(lua_State *L)
 	transport *t = check_transport(L, 1);
 	luaL_checktype(L, 2, LUA_TTABLE);
 	lua_settop(L, 2);
-	return run(L, t, 2, 1);
+	return run(L, t, 2, 1, 0);
 }
 
 /* ------------------------------------------------------------------------
@@ -984,6 +1042,13 @@ LUALIB_API int luaopen_breaker_curl(lua_State *L)
 			for (k = 0; k < K_COUNT; k++)
 				lua_pushstring(L, key_names[k]);
 			luaL_setfuncs(L, transport_methods, K_COUNT);
+			if (luaL_loadbuffer(L, request_lua, sizeof(request_lua) - 1, WRAPPER_SOURCE) != 0)
+				return lua_error(L);
+			for (k = 0; k < K_COUNT; k++)
+				lua_pushstring(L, key_names[k]);
+			lua_pushcclosure(L, l_request_raw, K_COUNT);
+			lua_call(L, 1, 1);
+			lua_setfield(L, -2, "request");
 		}
 		lua_setfield(L, -2, "__index");
 		lua_pushliteral(L, "breaker.curl transport");
