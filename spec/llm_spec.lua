@@ -773,3 +773,63 @@ describe("breaker.llm", function()
     end)
   end)
 end)
+
+-- Providers answer https over HTTP/2; a stream they cut is reset on its own
+-- (RST_STREAM) while the connection lives on. The client must treat it as
+-- it treats a dropped HTTP/1.1 connection.
+describe("breaker.llm over HTTPS with HTTP/2", function()
+  local up
+
+  setup(function()
+    up = helper.upstream.start{ workers = 1, api_key = KEY, tls = true }
+  end)
+
+  teardown(function()
+    if up then up:stop() end
+  end)
+
+  before_each(function()
+    up:reset()
+  end)
+
+  after_each(function()
+    for name, b in breaker.each() do
+      if name:find("^llm ") then b:close() end
+    end
+  end)
+
+  local function client()
+    return llm.new{ base_url = up.url .. "/v1", api_key = KEY, model = "gpt-fake", timeout = 5,
+                    transport = { ca_file = up.ca_file },
+                    policy = { retry = { max_attempts = 3, base = 0.01, cap = 0.02 },
+                               sleep = function() end } }
+  end
+
+  it("retries a stream the provider resets before the first token, over one connection", function()
+    local c = client()
+    up:scenario{ { fault = "stream_die", events = 1 } }
+    local parts = {}
+    local res, err = c:chat_stream{ messages = user("alpha beta"),
+                                    on_delta = function(text) parts[#parts + 1] = text end }
+    assert.is_nil(err)
+    assert.equal("alpha beta", table.concat(parts))
+    assert.equal("alpha beta", res.choices[1].message.content)
+    assert.equal(2, c.last.attempts)
+    local stats = up:stats()
+    assert.equal(2, stats.requests)
+    assert.equal(1, stats.connections)
+    c:close()
+  end)
+
+  it("answers chat and embeddings, and a reset chat is retried", function()
+    local c = client()
+    up:scenario{ { fault = "reset" } }
+    local res, err = c:chat{ messages = user("one two") }
+    assert.is_nil(err)
+    assert.equal("one two", res.choices[1].message.content)
+    assert.equal(2, c.last.attempts)
+    local emb = assert(c:embeddings{ model = "text-embedding-fake", input = { "a", "b" } })
+    assert.equal(2, #emb.data)
+    c:close()
+  end)
+end)
