@@ -3,8 +3,10 @@
 -- lua-curl package, which is luacurl `curl`), one reused easy handle each:
 -- sequential small POSTs with keep-alive to the fake upstream on loopback.
 -- luacurl runs twice: as the issue's baseline (body and status only) and
--- giving what breaker.curl gives (a header table too). Then request_many
--- with 16 in flight against the same requests one by one.
+-- giving what breaker.curl gives (a header table too); every client sends
+-- the same headers. Then request_many with 16 in flight against the same
+-- requests one by one: on loopback, with 20 ms of server latency, and over
+-- https with HTTP/2 (one shared connection) and with HTTP/1.1.
 -- Prints figures, asserts nothing.
 --
 --   LUA_PATH='lua/?.lua;lua/?/init.lua;spec/?.lua;;' LUA_CPATH='build/?.so;;' luajit bench/curl.lua
@@ -200,12 +202,13 @@ end
 
 -- request_many with 16 in flight against one by one, same transport.
 local function parallel(up, label, fault, n, warmup)
-  local t = curl.new{ timeout = 10 }
+  local t = curl.new{ timeout = 10, ca_file = up.ca_file }
   local req = { method = "POST", url = up.url .. PATH, body = BODY,
                 headers = { ["content-type"] = "application/json", ["x-fake-fault"] = fault } }
   local batch = {}
   for i = 1, 16 do batch[i] = req end
   local seq, par = 0, 0
+  up:reset()
   for _ = 1, ROUNDS do
     seq = math.max(seq, (measure(n, function()
       local res = t:request(req)
@@ -218,8 +221,8 @@ local function parallel(up, label, fault, n, warmup)
     end, math.ceil(warmup / 16)))
   end
   t:close()
-  print(("  %-32s sequential %7.0f req/s  parallel %7.0f req/s  ratio %5.2f")
-        :format(label, seq, par, par / seq))
+  print(("  %-32s sequential %7.0f req/s  parallel %7.0f req/s  ratio %5.2f  %3d connections")
+        :format(label, seq, par, par / seq, up:stats().connections))
 end
 
 local ups = {}
@@ -231,6 +234,12 @@ local ok, err = pcall(function()
   parallel(ups[1], "loopback, 1 worker, no delay", nil, N, WARMUP)
   parallel(ups[2], "loopback, 2 workers, no delay", nil, N, WARMUP)
   parallel(ups[1], "20 ms server latency", "fault=slow&delay=0.02", math.min(N, 160), 16)
+  -- as providers answer: https, by ALPN HTTP/2 (all 16 share one
+  -- connection) or HTTP/1.1 (a connection each)
+  ups[3] = helper.upstream.start{ api_key = false, workers = 1, tls = true }
+  ups[4] = helper.upstream.start{ api_key = false, workers = 1, tls = true, http2 = false }
+  parallel(ups[3], "https, HTTP/2, 1 worker", nil, N, WARMUP)
+  parallel(ups[4], "https, HTTP/1.1, 1 worker", nil, N, WARMUP)
 end)
 for _, up in ipairs(ups) do up:stop() end
 if not ok then
