@@ -166,7 +166,7 @@ local function sequential(up)
     end
     c.one, c.close = c.make(url)
     for _ = 1, WARMUP do c.one() end
-    c.wall, c.cpu_s, c.n = 0, 0, 0
+    c.wall, c.cpu_s, c.n, c.rounds = 0, 0, 0, {}
   end
   local block = math.max(50, math.floor(N / 10))
   local k = 0
@@ -178,7 +178,9 @@ local function sequential(up)
       collectgarbage()
       local t0, c0 = now(), os.clock()
       for _ = 1, n do c.one() end
-      c.wall, c.cpu_s, c.n = c.wall + now() - t0, c.cpu_s + os.clock() - c0, c.n + n
+      local dt = now() - t0
+      c.wall, c.cpu_s, c.n = c.wall + dt, c.cpu_s + os.clock() - c0, c.n + n
+      c.rounds[k] = n / dt
     end
   end
   for _, c in ipairs(clients) do
@@ -187,12 +189,20 @@ local function sequential(up)
   end
   print(("sequential POST %s: %d requests each (socket.http half), clients alternating in blocks of %d, " ..
          "fake upstream with %d nginx worker(s) on loopback"):format(PATH, total, block, up.workers))
-  local ours = clients[1].rps
+  print("  ratio: the median over rounds of breaker.curl's rate / the client's rate in the same round " ..
+        "(quartiles in brackets)")
+  local ours = clients[1]
   for _, c in ipairs(clients) do
     local ratio = ""
-    if c ~= clients[1] then
-      ratio = ("breaker.curl/%s = %.2f%s")
-              :format(c.name, ours / c.rps, c.name == "socket.http" and " (target >= 2)"
+    if c ~= ours then
+      -- each round ran every client once, back to back: comparing within a
+      -- round keeps a slow moment of the machine out of the ratio
+      local r = {}
+      for i, rate in ipairs(ours.rounds) do r[i] = rate / c.rounds[i] end
+      table.sort(r)
+      local function q(f) return r[math.max(1, math.floor(#r * f + 0.5))] end
+      ratio = ("breaker.curl/%s = %.2f [%.2f-%.2f]%s")
+              :format(c.name, q(0.5), q(0.25), q(0.75), c.name == "socket.http" and " (target >= 2)"
                       or c.name == "luacurl+hdrs" and "  (same output as breaker.curl)" or " (target >= 1)")
     end
     print(("  %-14s %8.0f req/s  %6.1f us client CPU/req  %5d conn/%d req  %s")
