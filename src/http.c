@@ -513,9 +513,9 @@ static size_t on_write(char *p, size_t size, size_t nmemb, void *ud)
 
 	if (r->body_mode == BODY_UNDECIDED) {
 		long status = 0;
-		curl_easy_getinfo(r->easy, CURLINFO_RESPONSE_CODE, &status);
-		r->body_mode = (r->on_chunk != NULL && status >= 200 && status < 300)
-			? BODY_STREAM : BODY_BUFFER;
+		if (r->on_chunk != NULL)
+			curl_easy_getinfo(r->easy, CURLINFO_RESPONSE_CODE, &status);
+		r->body_mode = (status >= 200 && status < 300) ? BODY_STREAM : BODY_BUFFER;
 	}
 	if (n > r->max_body - r->result.received) {
 		r->abort = ABORT_TOO_LARGE;
