@@ -1,7 +1,7 @@
 -- make bench: runs every benchmark script in its own LuaJIT process, so one
 -- cannot warm up or slow down another.
 local interp = arg[-1] or "luajit"
-local scripts = { "bench/core.lua", "bench/curl.lua", "bench/policy.lua", "bench/ngx.lua",
+local scripts = { "bench/core.lua", "bench/curl.lua", "bench/curl_instr.lua", "bench/policy.lua", "bench/ngx.lua",
                   "bench/llm.lua" }
 local failed = 0
 for _, s in ipairs(scripts) do
