@@ -958,19 +958,17 @@ describe("breaker.curl over TLS", function()
 end)
 
 -- Providers answer HTTPS over HTTP/2 (chosen by ALPN); the fake upstream does
--- too unless told otherwise. Its control endpoints are read through a
--- transport of their own (lua-socket speaks no TLS); they are never counted
--- as API requests or connections.
+-- too unless told otherwise. (The helper reaches its control endpoints
+-- through a transport of its own; they never count as API requests or
+-- connections.)
 describe("breaker.curl over HTTPS with HTTP/2", function()
   local up, h1
 
-  local function control(server, method, path)
-    local ctl = curl.new{ ca_file = server.ca_file, timeout = 10 }
-    local res = assert(ctl:request{ method = method, url = server.url .. "/_control/" .. path,
-                                    body = method == "POST" and "" or nil })
-    ctl:close()
-    assert.are.equal(200, res.status, res.body)
-    return cjson.decode(res.body)
+  -- Asserts how many API requests and TCP connections the server saw.
+  local function saw(server, requests, connections, why)
+    local stats = server:stats()
+    assert.are.equal(requests, stats.requests)
+    assert.are.equal(connections, stats.connections, why)
   end
 
   lazy_setup(function()
@@ -998,7 +996,7 @@ describe("breaker.curl over HTTPS with HTTP/2", function()
   end)
 
   it("runs request_many from a cold transport over one shared connection", function()
-    control(up, "POST", "reset")
+    up:reset()
     local t = transport(up)
     local list = {}
     for i = 1, 16 do
@@ -1012,13 +1010,11 @@ describe("breaker.curl over HTTPS with HTTP/2", function()
       assert.are.equal(200, out[i].res.status)
       assert.are.equal(2, cjson.decode(out[i].res.body).usage.prompt_tokens) -- "text N"
     end
-    local stats = control(up, "GET", "stats")
-    assert.are.equal(16, stats.requests)
-    assert.are.equal(1, stats.connections)
+    saw(up, 16, 1)
   end)
 
   it("opens a connection per request for request_many to an HTTPS server without HTTP/2", function()
-    control(h1, "POST", "reset")
+    h1:reset()
     local t = transport(h1)
     local list = {}
     for i = 1, 6 do
@@ -1027,13 +1023,11 @@ describe("breaker.curl over HTTPS with HTTP/2", function()
     local out = t:request_many(list)
     t:close()
     for i = 1, 6 do assert.are.equal(200, out[i].res.status) end
-    local stats = control(h1, "GET", "stats")
-    assert.are.equal(6, stats.requests)
-    assert.are.equal(6, stats.connections)  -- in parallel, not queued behind one
+    saw(h1, 6, 6, "in parallel, not queued behind one")
   end)
 
   it("reports a stream the server resets as reset, and keeps the connection", function()
-    control(up, "POST", "reset")
+    up:reset()
     local t = transport(up)
     assert(t:request{ url = up.url .. "/v1/models" })
     for _, f in ipairs{ "fault=reset", "fault=reset&after=request", "fault=stream_die&events=1" } do
@@ -1047,13 +1041,11 @@ describe("breaker.curl over HTTPS with HTTP/2", function()
     end
     assert.are.equal(200, assert(t:request{ url = up.url .. "/v1/models" }).status)
     t:close()
-    local stats = control(up, "GET", "stats")
-    assert.are.equal(5, stats.requests)
-    assert.are.equal(1, stats.connections)
+    saw(up, 5, 1)
   end)
 
   it("streams events over HTTP/2, and an aborted stream leaves the connection usable", function()
-    control(up, "POST", "reset")
+    up:reset()
     local t = transport(up)
     local body = cjson.encode{ model = "gpt-fake", stream = true,
                                messages = { { role = "user", content = "one two three four five" } } }
@@ -1076,9 +1068,7 @@ describe("breaker.curl over HTTPS with HTTP/2", function()
     assert.are.equal(1, calls)
     assert.are.equal(200, assert(t:request{ url = up.url .. "/v1/models" }).status)
     t:close()
-    local stats = control(up, "GET", "stats")
-    assert.are.equal(3, stats.requests)
-    assert.are.equal(1, stats.connections)
+    saw(up, 3, 1)
   end)
 
   it("keeps the request's headers and body intact over HTTP/2", function()

@@ -35,6 +35,14 @@ local function dump(v, out, depth)
   return out
 end
 
+-- Breakers are per (base_url, model) and process-wide: each spec starts
+-- afresh.
+local function close_llm_breakers()
+  for name, b in breaker.each() do
+    if name:find("^llm ") then b:close() end
+  end
+end
+
 local function user(text)
   return { { role = "system", content = "You are terse." }, { role = "user", content = text } }
 end
@@ -80,12 +88,7 @@ describe("breaker.llm", function()
     sleeps = {}
   end)
 
-  after_each(function()
-    -- Breakers are per (base_url, model) and process-wide: start each spec afresh.
-    for name, b in breaker.each() do
-      if name:find("^llm ") then b:close() end
-    end
-  end)
+  after_each(close_llm_breakers)
 
   describe("new", function()
     it("raises naming the environment variable when no key is given", function()
@@ -792,11 +795,7 @@ describe("breaker.llm over HTTPS with HTTP/2", function()
     up:reset()
   end)
 
-  after_each(function()
-    for name, b in breaker.each() do
-      if name:find("^llm ") then b:close() end
-    end
-  end)
+  after_each(close_llm_breakers)
 
   local function client()
     return llm.new{ base_url = up.url .. "/v1", api_key = KEY, model = "gpt-fake", timeout = 5,
