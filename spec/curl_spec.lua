@@ -734,7 +734,7 @@ describe("breaker.curl", function()
           typedef struct http_request_spec { const char *method; const char *url;
             const http_header *headers; size_t nheaders; const char *body; size_t body_len;
             long timeout_ms; long connect_timeout_ms; size_t max_body;
-            http_chunk_fn on_chunk; void *chunk_ud; int checked; } http_request_spec;
+            http_chunk_fn on_chunk; void *chunk_ud; } http_request_spec;
           typedef struct http_result { int kind; int curl_code; int chunk_status; long status;
             int streamed; const char *message; const char *body; size_t body_len; size_t received;
             const http_header *headers; size_t nheaders; double connect_time;

@@ -14,7 +14,7 @@
 #include <strings.h>
 
 #define POOL_MAX 64                  /* idle requests (with handles) a client keeps */
-#define KEEP_BUF_MAX (64 * 1024)     /* a pooled request keeps buffers up to this */
+#define KEEP_BUF_MAX (16 * 1024)     /* a pooled request keeps buffers up to this */
 #define IDLE_CONNECTIONS 64          /* open connections a client keeps, at least */
 #define HEADER_BYTES_MAX (256 * 1024) /* response header bytes accepted */
 #define MESSAGE_MAX (CURL_ERROR_SIZE + 160)
@@ -191,7 +191,11 @@ static http_kind classify(CURLcode code)
 	case CURLE_PARTIAL_FILE:
 	/* HTTP/2's reset: the server closed this request's stream (RST_STREAM)
 	 * before it was done; the connection itself may live on. Providers
-	 * answer HTTPS over HTTP/2, so this is their connection reset. */
+	 * answer HTTPS over HTTP/2, so this is their connection reset. curl
+	 * 7.88 gives the same code when nghttp2 rejects a reply that breaks
+	 * HTTP/2 (nginx's own aborts come as PROTOCOL_ERROR too, so the two
+	 * cannot be told apart): such a reply is then retried like a reset,
+	 * and still counts as the breaker's failure. */
 	case CURLE_HTTP2_STREAM:
 		return HTTP_ERESET;
 	case CURLE_FILESIZE_EXCEEDED:
@@ -811,7 +815,7 @@ static void setup_request(const http_client *c, http_request *r, const http_requ
 	}
 }
 
-http_request *http_request_new(http_client *c, const http_request_spec *spec)
+static http_request *request_new(http_client *c, const http_request_spec *spec, int checked)
 {
 	http_request *r = take_request(c);
 	if (r == NULL)
@@ -830,7 +834,7 @@ http_request *http_request_new(http_client *c, const http_request_spec *spec)
 		     "request setup: %s", curl_easy_strerror(rc));
 		return r;
 	}
-	if (!spec->checked && !spec_is_valid(spec)) {
+	if (!checked && !spec_is_valid(spec)) {
 		/* never the value in the message: it may be a credential */
 		fail(r, HTTP_EINVALID, CURLE_BAD_FUNCTION_ARGUMENT,
 		     "invalid method or header (name not a token, or CR, LF or NUL in a value)");
@@ -854,6 +858,16 @@ const http_result *http_request_result(const http_request *r)
 	return &r->result;
 }
 
+http_request *http_request_new(http_client *c, const http_request_spec *spec)
+{
+	return request_new(c, spec, 0);
+}
+
+http_request *http_request_new_checked(http_client *c, const http_request_spec *spec)
+{
+	return request_new(c, spec, 1);
+}
+
 /* Drops a buffer bigger than a pooled request should hold on to. */
 static void trim_buf(buf *b)
 {
@@ -875,6 +889,8 @@ void http_request_free(http_client *c, http_request *r)
 	if (c != NULL && c->nidle < POOL_MAX && r->easy != NULL && r->setup_error == CURLE_OK) {
 		trim_buf(&r->body_buf);
 		trim_buf(&r->head_buf);
+		if (r->set_url.cap > KEEP_BUF_MAX)
+			buf_free(&r->set_url);  /* CURLOPT_URL is then set again */
 		if (r->hdr_cap > KEEP_BUF_MAX) {
 			free(r->hdr_block);
 			r->hdr_block = NULL;

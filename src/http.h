@@ -75,10 +75,6 @@ typedef struct http_request_spec {
 	size_t max_body;             /* bytes of body accepted (streamed too) */
 	http_chunk_fn on_chunk;      /* NULL: buffer the body */
 	void *chunk_ud;              /* passed to on_chunk, borrowed */
-	int checked;                 /* 1: the caller already checked method and
-	                              * headers with http_is_token and
-	                              * http_is_field_value, as the Lua binding
-	                              * does; 0: http_request_new checks them */
 } http_request_spec;
 
 /* The outcome of a finished request. Pointers are owned by the request and
@@ -111,9 +107,16 @@ http_client *http_client_new(const http_client_config *cfg, char *err, size_t er
 void http_client_free(http_client *c);
 
 /* Prepares a request on c. Returns NULL only when out of memory; a request
- * curl refuses to set up is returned already finished with an error, so
+ * curl refuses to set up, or whose method or headers fail http_is_token /
+ * http_is_field_value, is returned already finished with an error, so
  * http_perform skips it. */
 http_request *http_request_new(http_client *c, const http_request_spec *spec);
+
+/* The same for a caller that has already checked the method and headers
+ * with those two functions (the Lua binding). Not exported from the shared
+ * object: a C or FFI caller cannot skip the checks. */
+http_request *http_request_new_checked(http_client *c, const http_request_spec *spec)
+	__attribute__((visibility("hidden")));
 
 /* Runs the n requests in parallel until every one is finished. Returns 0, or
  * -1 when the multi interface itself failed (the requests then carry an
@@ -123,8 +126,10 @@ int http_perform(http_client *c, http_request *const *reqs, size_t n);
 /* The result of a finished request (kind HTTP_EOTHER before it ran). */
 const http_result *http_request_result(const http_request *r);
 
-/* Frees a request. With c it returns its curl handle to c's pool of idle
- * handles; with c NULL (e.g. the client is gone) it destroys it. */
+/* Frees a request. With c, the client that made it, the request goes back
+ * to c's pool whole (its curl handle, configured for c, and its buffers)
+ * for c's next request; never pass another client. With c NULL (e.g. the
+ * client is gone) it is destroyed. */
 void http_request_free(http_client *c, http_request *r);
 
 /* Parses a Retry-After value: delta-seconds ("120") or an HTTP-date (with

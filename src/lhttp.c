@@ -119,9 +119,10 @@ static void rawfield(lua_State *L, int idx, const char *key)
 }
 
 /* Field names of requests and responses, interned once and kept as
- * upvalues of request and request_many: every request reads about nine of
- * them and every response sets eight, and LuaJIT would otherwise hash each
- * name again on every call. Only valid inside those two functions. */
+ * upvalues of the C functions behind request and request_many: every
+ * request reads about nine of them and every response sets eight, and
+ * LuaJIT would otherwise hash each name again on every call. Only valid
+ * inside those functions. */
 enum {
 	K_URL = 1, K_METHOD, K_BODY, K_HEADERS, K_TIMEOUT, K_CONNECT_TIMEOUT, K_MAX_BODY,
 	K_ON_CHUNK, K_STATUS, K_STREAMED, K_TIMING, K_CONNECT, K_FIRST_BYTE, K_TOTAL,
@@ -490,7 +491,6 @@ static void read_request(lua_State *L, transport *t, int idx, run_ctx *ctx, size
 
 	memset(q, 0, sizeof(*q));
 	q->ctx = ctx;
-	q->spec.checked = 1;  /* method and headers are checked here */
 	q->spec.timeout_ms = t->timeout_ms;
 	q->spec.connect_timeout_ms = t->connect_timeout_ms;
 	q->spec.max_body = t->max_body;
@@ -755,8 +755,10 @@ static void push_error(lua_State *L, const http_result *res)
  * ---------------------------------------------------------------------- */
 
 /* Runs the request tables at idx (one, or a list when many) and pushes the
- * results; returns the number of Lua results. */
-static int run(lua_State *L, transport *t, int idx, int many, int raw)
+ * results: for one, the response's parts (status, headers, body, connect,
+ * first_byte, total, streamed) or nil, err; for many, the list of { res }
+ * or { err } tables. Returns the number of Lua results. */
+static int run(lua_State *L, transport *t, int idx, int many)
 {
 	run_ctx ctx;
 	size_t n = 1, i, hdr_used = 0;
@@ -802,7 +804,8 @@ static int run(lua_State *L, transport *t, int idx, int many, int raw)
 		memset(t->hreqs, 0, n * sizeof(*t->hreqs));
 	t->pending = n;
 	for (i = 0; i < n; i++) {
-		t->hreqs[i] = http_request_new(t->client, &t->reqs[i].spec);
+		/* read_request checked method and headers */
+		t->hreqs[i] = http_request_new_checked(t->client, &t->reqs[i].spec);
 		if (t->hreqs[i] == NULL)
 			throw(L, "out of memory");
 	}
@@ -821,7 +824,7 @@ static int run(lua_State *L, transport *t, int idx, int many, int raw)
 	/* 4. results */
 	if (!many) {
 		const http_result *res = http_request_result(t->hreqs[0]);
-		if (res->kind == HTTP_OK && raw) {
+		if (res->kind == HTTP_OK) {
 			/* the parts of the response, for the Lua wrapper to put in
 			 * its table constructors */
 			lua_pushinteger(L, (lua_Integer)res->status);
@@ -835,9 +838,6 @@ static int run(lua_State *L, transport *t, int idx, int many, int raw)
 			else
 				lua_pushnil(L);
 			rc = 7;
-		} else if (res->kind == HTTP_OK) {
-			push_response(L, res);
-			rc = 1;
 		} else {
 			lua_pushnil(L);
 			push_error(L, res);
@@ -870,15 +870,10 @@ static int run(lua_State *L, transport *t, int idx, int many, int raw)
  * } }. With on_chunk, a 2xx body goes to on_chunk(chunk) as it arrives
  * (returning false aborts with kind "aborted") and res.body is "" with
  * res.streamed = true; other statuses are buffered into res.body. Raises on
- * bad input and rethrows what on_chunk raises. */
-static int l_request(lua_State *L)
-{
-	transport *t = check_transport(L, 1);
-	luaL_checktype(L, 2, LUA_TTABLE);
-	lua_settop(L, 2);
-	return run(L, t, 2, 0, 0);
-}
-
+ * bad input and rethrows what on_chunk raises.
+ *
+ * t:request is the Lua function compiled from request_lua, around
+ * l_request_raw. */
 /* What t:request's wrapper calls: the same checks and run, but the
  * response comes back in parts (see request_lua). */
 static int l_request_raw(lua_State *L)
@@ -899,7 +894,7 @@ static int l_request_raw(lua_State *L)
 	if (lua_type(L, 2) != LUA_TTABLE)
 		throw(L, "bad argument #2 to 'request' (table expected, got %s)", luaL_typename(L, 2));
 	lua_settop(L, 2);
-	return run(L, t, 2, 0, 1);
+	return run(L, t, 2, 0);
 }
 
 /* t:request in Lua around l_request_raw: LuaJIT builds the response and
@@ -922,7 +917,7 @@ static int l_request_many(lua_State *L)
 	transport *t = check_transport(L, 1);
 	luaL_checktype(L, 2, LUA_TTABLE);
 	lua_settop(L, 2);
-	return run(L, t, 2, 1, 0);
+	return run(L, t, 2, 1);
 }
 
 /* ------------------------------------------------------------------------
@@ -1002,7 +997,6 @@ static int l_parse_retry_after_ms(lua_State *L)
  * ---------------------------------------------------------------------- */
 
 static const luaL_Reg transport_methods[] = {
-	{ "request", l_request },
 	{ "request_many", l_request_many },
 	{ "close", l_close },
 	{ NULL, NULL }

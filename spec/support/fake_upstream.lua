@@ -153,11 +153,12 @@ end
 -- header block up to its blank line, then the body.
 -- The request's header block as it came: HTTP/1 keeps it raw; HTTP/2 has
 -- none (ngx.req.raw_header refuses it), so its decoded fields are written
--- out in the same "name: value" lines.
+-- out in the same "name: value" lines, all of them (no 100-field limit) but
+-- grouped by name in no particular order.
 local function header_block()
   if ngx.req.http_version() ~= 2 then return ngx.req.raw_header(true) end
   local lines = {}
-  for name, value in pairs(ngx.req.get_headers(100, true)) do
+  for name, value in pairs(ngx.req.get_headers(0, true)) do
     if type(value) ~= "table" then value = { value } end
     for _, v in ipairs(value) do lines[#lines + 1] = name .. ": " .. v .. "\r\n" end
   end
@@ -494,8 +495,9 @@ end
 -- An embeddings answer depends on the request body alone, so a worker keeps
 -- the answers to its last bodies: a benchmark's thousands of identical
 -- requests then cost the server no JSON work, and the figures measure the
--- clients rather than cjson's number formatting.
-local EMBED_CACHE_MAX, EMBED_BODY_MAX = 256, 8192
+-- clients rather than cjson's number formatting. Only small bodies and
+-- answers are kept (at most 256 of each, 8 KiB and 64 KiB).
+local EMBED_CACHE_MAX, EMBED_BODY_MAX, EMBED_ANSWER_MAX = 256, 8192, 65536
 local embed_cache, embed_cached = {}, 0
 
 local function embeddings(body, f)
@@ -525,7 +527,7 @@ local function embeddings(body, f)
   end
   local answer = json_encode({ object = "list", data = data, model = req.model,
                                usage = { prompt_tokens = used, total_tokens = used } })
-  if #body <= EMBED_BODY_MAX then
+  if #body <= EMBED_BODY_MAX and #answer <= EMBED_ANSWER_MAX then
     if embed_cached >= EMBED_CACHE_MAX then embed_cache, embed_cached = {}, 0 end
     embed_cache[body], embed_cached = answer, embed_cached + 1
   end

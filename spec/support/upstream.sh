@@ -55,7 +55,14 @@ start() {
 			-keyout "$dir/conf/key.pem" -out "$dir/conf/cert.pem" 2>/dev/null \
 			|| die "openssl could not make a certificate"
 		ssl=" ssl"
-		case ${HTTP2:-1} in 1) ssl=" ssl http2" ;; 0) ;; *) die "HTTP2 must be 0 or 1" ;; esac
+		case ${HTTP2:-1} in
+		1)  # needs nginx's http_v2 module (Debian's nginx has it)
+			"$NGINX" -V 2>&1 | grep -q -- --with-http_v2_module \
+				|| die "HTTP2=1 needs nginx built with http_v2 (HTTP2=0 serves HTTP/1.1)"
+			ssl=" ssl http2" ;;
+		0) ;;
+		*) die "HTTP2 must be 0 or 1" ;;
+		esac
 		ssl_cert="ssl_certificate $dir/conf/cert.pem; ssl_certificate_key $dir/conf/key.pem;"
 	fi
 	sed -e "s|@PORT@|$port|g" -e "s|@WORKERS@|$workers|g" -e "s|@PREFIX@|$dir|g" \
