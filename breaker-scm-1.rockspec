@@ -57,5 +57,6 @@ build = {
       ["breaker.dashboard"] = "lua/breaker/dashboard.lua",
       ["breaker.ngx"] = "lua/breaker/ngx.lua",
       ["breaker.ngx_worker"] = "lua/breaker/ngx_worker.lua",
+      ["breaker.cosocket"] = "lua/breaker/cosocket.lua",
    },
 }

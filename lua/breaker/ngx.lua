@@ -37,7 +37,7 @@
 -- happens to a request with on_chunk: "error" (default) raises, naming the
 -- option; "buffer" runs the request to the end and then hands a 2xx body to
 -- on_chunk in one piece (res.body = "", res.streamed = true, as breaker.curl
--- does). For true streaming inside nginx use a cosocket transport.
+-- does). For true streaming inside nginx use breaker.cosocket.
 
 local errors = require "breaker.error"
 
