@@ -108,6 +108,21 @@ describe("breaker.cosocket in nginx", function()
     assert.are.equal("Value", res.headers["x-mixed-case"])
   end)
 
+  it("reads bodies of any framing and size, and HEAD answers without one", function()
+    for _, chunked in ipairs{ "false", "true" } do
+      local res = run{ req = { url = up.url .. "/x", headers = {
+        ["x-fake-fault"] = "fault=oversize&size=200000&chunked=" .. chunked } } }.res
+      assert.are.equal(200000, #res.body)
+      assert.is_nil(res.body:find("[^x]"))
+    end
+    local head = run{ req = { method = "HEAD", url = up.url .. "/echo" } }.res
+    assert.are.equal(200, head.status)
+    assert.are.equal("", head.body)
+    -- the connection that answered HEAD serves the next request
+    assert.are.equal("GET", cjson.decode(run{ req = { url = up.url .. "/echo" } }.res.body).method)
+    assert.are.equal(1, up:stats().connections)
+  end)
+
   it("keeps the connection alive across requests", function()
     for _ = 1, 10 do
       assert.are.equal(200, run{ req = { url = up.url .. "/echo" } }.res.status)
