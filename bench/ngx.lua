@@ -138,6 +138,7 @@ http {
         package.loaded.bench = {
             url = "http://127.0.0.1:@UP_PORT@/v1/models",
             t = bngx.transport{ pool = "breaker", timeout = 10 },
+            co = require("breaker.cosocket").new{ timeout = 10 },
             ok = bngx.policy{ breaker = breaker.new("ok", never, { shared = region }) },
             fail = bngx.policy{ breaker = breaker.new("fail", trips, { shared = region }) },
         }
@@ -149,6 +150,16 @@ http {
             content_by_lua_block {
                 local b = require "bench"
                 local res, err = b.ok:request(b.t, { url = b.url,
+                    headers = { authorization = "Bearer sk-test-good" } })
+                if not res then ngx.status = 503; return ngx.print(err.kind) end
+                ngx.status = res.status
+                ngx.print(res.body)
+            }
+        }
+        location = /breaker_cosocket {
+            content_by_lua_block {
+                local b = require "bench"
+                local res, err = b.ok:request(b.co, { url = b.url,
                     headers = { authorization = "Bearer sk-test-good" } })
                 if not res then ngx.status = 503; return ngx.print(err.kind) end
                 ngx.status = res.status
@@ -232,6 +243,7 @@ local ok, err = pcall(function()
 
   -- warm-up: connections, pool threads, JIT
   wrk(app.url .. "/breaker")
+  wrk(app.url .. "/breaker_cosocket")
   wrk(app.url .. "/proxy")
 
   print("-- healthy upstream: requests per second")
@@ -246,6 +258,11 @@ local ok, err = pcall(function()
   print(format("  proxy_pass                      %8.0f req/s  (%d requests, %d non-2xx, %d reached upstream)",
                p_rps, p_n, p_bad, p_up))
   print(format("  ratio breaker / proxy_pass      %8.2f", b_rps / p_rps))
+  up:reset()
+  local c_rps, c_n, c_bad = wrk(app.url .. "/breaker_cosocket")
+  print(format("  policy + cosocket transport     %8.0f req/s  (%d requests, %d non-2xx, %d reached upstream)",
+               c_rps, c_n, c_bad, up:stats().requests))
+  print(format("  ratio cosocket / proxy_pass     %8.2f", c_rps / p_rps))
   local o_rps = wrk(app.url .. "/pool_only")
   print(format("  (thread-pool round trip alone, no HTTP: %.0f req/s)", o_rps))
 
