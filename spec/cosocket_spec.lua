@@ -48,7 +48,7 @@ local function url_escape(s)
 end
 
 describe("breaker.cosocket in nginx", function()
-  local up, tls, app, client
+  local up, tls, app, client, raw
 
   lazy_setup(function()
     up = helper.upstream.start{ api_key = false }
@@ -63,9 +63,20 @@ describe("breaker.cosocket in nginx", function()
       end,
     }
     client = curl.new{ timeout = 20 }
+    -- the misbehaving server, in its own process, stopped by its pid
+    local port = helper.free_port()
+    local p = assert(io.popen(format("exec %ssh -c 'echo $$; exec luajit %s/spec/support/raw_upstream.lua %d'",
+                                     helper.clean_env, repo, port)))
+    raw = { pid = tonumber(p:read("*l")), port = port, pipe = p, url = "http://127.0.0.1:" .. port }
+    assert(p:read("*l") == "ready", "raw_upstream did not start")
   end)
 
   lazy_teardown(function()
+    if raw then
+      os.execute("kill " .. raw.pid)
+      raw.pipe:close()
+      assert(helper.wait_for(5, function() return not helper.running(raw.pid) end), "raw_upstream still runs")
+    end
     if client then client:close() end
     if app then app:stop() end
     if up then up:stop() end
@@ -228,6 +239,61 @@ describe("breaker.cosocket in nginx", function()
     assert.are.equal(6, up:stats().connections)   -- in parallel, not one after another
   end)
 
+  -- What the raw server saw: { connections = n, requests = { [path] = n } }.
+  local function raw_stats()
+    return cjson.decode(assert(client:request{ url = raw.url .. "/stats" }).body)
+  end
+
+  describe("against a server that breaks HTTP/1.1", function()
+    local function get(path, opts, timeout)
+      return run{ req = { url = raw.url .. path, timeout = timeout }, opts = opts }
+    end
+
+    it("answers protocol, never raising, for replies it cannot read", function()
+      for _, path in ipairs{ "/bad_chunk", "/chunk_0x", "/no_colon", "/status_2000", "/many_interim" } do
+        local out = get(path)
+        assert.is_nil(out.raised, path)
+        assert.are.equal("protocol", out.err and out.err.kind, path .. ": " .. cjson.encode(out))
+      end
+    end)
+
+    it("reads chunk extensions, trailers and a repeated equal Content-Length", function()
+      assert.are.equal("hello world", get("/chunk_ext").res.body)
+      assert.are.equal("hello", get("/two_lengths").res.body)
+    end)
+
+    it("never reuses a connection after a suspect answer", function()
+      assert.are.equal("fine", get("/ok").res.body)   -- a kept-alive connection
+      local before = raw_stats().connections
+      for _, path in ipairs{ "/length_and_chunked", "/ok", "/length_short", "/ok" } do
+        local body = get(path).res.body
+        assert.are.equal(path == "/ok" and "fine" or "hello", body, path)
+      end
+      -- each suspect answer closes its connection: the /ok after it opens one
+      assert.are.equal(before + 2, raw_stats().connections)
+    end)
+
+    it("keeps its deadline against a server that trickles its head, and bounds a header line", function()
+      assert.are.equal("timeout", get("/trickle_head", nil, 0.5).err.kind)
+      assert.are.equal("too_large", get("/huge_line").err.kind)
+    end)
+
+    it("sends once more when a kept-alive connection was closed, never after part of an answer", function()
+      local before = raw_stats()
+      local function count(stats, path) return stats.requests[path] or 0 end
+      for _, path in ipairs{ "/ok", "/ok_then_close", "/ok" } do
+        assert.are.equal("fine", get(path).res.body, path)
+      end
+      local after = raw_stats()
+      -- the last /ok found its pooled connection closed and went again on a new one
+      assert.are.equal(count(before, "/ok") + 2, count(after, "/ok"))
+      assert.are.equal(before.connections + 2, after.connections)
+      -- the status line arrived, then the connection closed: not sent again
+      assert.are.equal("reset", get("/status_then_close").err.kind)
+      assert.are.equal(count(before, "/status_then_close") + 1, count(raw_stats(), "/status_then_close"))
+    end)
+  end)
+
   it("raises on bad input, naming it, and sends nothing", function()
     local cases = {
       { { url = "ftp://x/" }, "http:// or https://" },
@@ -237,12 +303,14 @@ describe("breaker.cosocket in nginx", function()
       { { url = up.url, method = "GET /x HTTP/1.1\r\n" }, "method" },
       { { url = up.url, body = 5 }, "body must be a string" },
       { { url = up.url, timeout = -1 }, "timeout" },
-      { { url = up.url, headers = { host = "evil" } }, "set by the transport" },
+      { { url = up.url, headers = { ["content-length"] = "1" } }, "set by the transport" },
     }
     for _, c in ipairs(cases) do
       local out = run{ req = c[1] }
       assert.is_string(out.raised, cjson.encode(c[1]))
       assert.is_truthy(out.raised:find(c[2], 1, true), out.raised .. " lacks " .. c[2])
+      -- at the caller's line, not inside the transport
+      assert.matches("cosocket_app%.lua:%d+: breaker%.cosocket: ", out.raised)
     end
     assert.matches("unknown option 'bogus'", run{ req = { url = up.url }, opts = { bogus = 1 } }.raised)
     assert.are.equal(0, up:stats().requests)

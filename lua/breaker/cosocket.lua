@@ -62,8 +62,18 @@ local COSOCKET_PHASES = { rewrite = true, access = true, content = true, timer =
                           ssl_cert = true, ssl_session_fetch = true, ssl_client_hello = true,
                           preread = true }
 
+-- Raises a caller's mistake; the entry points (new, request, request_many)
+-- catch it and raise it again at their caller's line (see blame).
 local function raise(fmt, ...)
-  error("breaker.cosocket: " .. format(fmt, ...), 3)
+  error("breaker.cosocket: " .. format(fmt, ...), 0)
+end
+
+-- fn(...), with a raise from inside it moved to the line that called the
+-- public function (two levels up from here).
+local function blame(fn, ...)
+  local ok, v = pcall(fn, ...)
+  if not ok then error(v, 3) end
+  return v
 end
 
 local function ngx_api()
@@ -101,7 +111,7 @@ local function is_field_value(s)
   return not find(s, "[\r\n%z]")
 end
 
-function _M.new(opts)
+local function new(opts)
   opts = opts or {}
   if type(opts) ~= "table" then raise("new: options must be a table, got a %s", type(opts)) end
   for k in pairs(opts) do
@@ -133,6 +143,10 @@ function _M.new(opts)
     end
   end
   return setmetatable({ opts = o }, { __index = _M.T })
+end
+
+function _M.new(opts)
+  return blame(new, opts)
 end
 
 local T = {}
@@ -188,11 +202,11 @@ local function read_request(self, req, what)
       end
       if not is_field_value(value) then raise("%s.headers['%s'] contains CR, LF or NUL", what, name) end
       local l = lower(name)
-      if l == "host" or l == "content-length" or l == "transfer-encoding" or l == "connection" then
+      if l == "content-length" or l == "transfer-encoding" or l == "connection" then
         raise("%s.headers['%s'] is set by the transport", what, name)
       end
-      has[l] = true
-      lines[#lines + 1] = name .. ": " .. value .. "\r\n"
+      has[l] = value
+      if l ~= "host" then lines[#lines + 1] = name .. ": " .. value .. "\r\n" end
     end
   end
   local on_chunk = req.on_chunk
@@ -230,131 +244,234 @@ local function left_ms(deadline)
   return ms
 end
 
--- Reads the status line and headers of the final response (1xx skipped).
--- Returns status, headers (table), keepalive (bool), or nil, kind, message.
-local function read_head(sock)
-  local bytes = 0
-  while true do
-    local line, err = sock:receive("*l")
-    if not line then return nil, kind_of(err), "reading the status line: " .. err end
-    local v, status = match(line, "^HTTP/(%d%.%d) (%d%d%d)")
-    status = tonumber(status)
-    if not status then return nil, "protocol", "not an HTTP status line" end
-    local headers, last, keepalive = {}, nil, v == "1.1"
+-- A buffered reader over the socket, every read bounded by the request's
+-- deadline (the socket's timeout is set from what is left before each one;
+-- nginx's own timer restarts whenever bytes arrive, so a server that
+-- trickles bytes cannot stretch it). Methods return nil, kind, message on
+-- failure.
+local function reader(sock, deadline)
+  local buf, pos = "", 1   -- unread bytes are buf:sub(pos)
+  local r = { got = 0, first = nil }
+
+  local function fill()
+    local ms = left_ms(deadline)
+    if not ms then return nil, "timeout", "timed out reading the response" end
+    sock:settimeouts(ms, ms, ms)
+    local data, err = sock:receiveany(READ_MAX)
+    if not data then return nil, err end
+    r.first = r.first or now()
+    r.got = r.got + #data
+    if pos > #buf then buf, pos = data, 1 else buf, pos = sub(buf, pos) .. data, 1 end
+    return true
+  end
+
+  -- The next line without its CRLF (a bare LF ends one too), at most
+  -- `limit` bytes long; nil, "long" past that, nil, "closed" when the
+  -- server closed the connection first.
+  function r.line(limit)
     while true do
-      line, err = sock:receive("*l")
-      if not line then return nil, kind_of(err), "reading headers: " .. err end
-      bytes = bytes + #line + 2
-      if bytes > HEADER_BYTES_MAX then
-        return nil, "too_large", format("response headers exceed %d bytes", HEADER_BYTES_MAX)
+      local e = find(buf, "\n", pos, true)
+      if e then
+        if e - pos > limit then break end
+        local line = sub(buf, pos, e - 1)
+        pos = e + 1
+        if sub(line, -1) == "\r" then line = sub(line, 1, -2) end
+        return line
       end
-      if line == "" then break end
-      if find(line, "^[ \t]") and last then   -- obsolete line folding
-        local folded = gsub(line, "^[ \t]+", "")
-        local cur = headers[last]
-        if type(cur) == "table" then cur[#cur] = cur[#cur] .. " " .. folded
-        else headers[last] = cur .. " " .. folded end
-      else
-        local name, value = match(line, "^([^:%s]+):[ \t]*(.-)[ \t]*$")
-        if name then
-          name = lower(name)
-          local cur = headers[name]
-          if name == "set-cookie" then
-            if cur then cur[#cur + 1] = value else headers[name] = { value } end
-          elseif cur then
-            headers[name] = cur .. ", " .. value
-          else
-            headers[name] = value
-          end
-          last = name
-        end
+      if #buf - pos + 1 > limit then break end
+      local ok, err, msg = fill()
+      if not ok then
+        if msg then return nil, err, msg end
+        return nil, err == "closed" and "closed" or kind_of(err), "reading the response: " .. err
       end
     end
-    local conn = headers.connection and lower(headers.connection) or ""
-    if find(conn, "close", 1, true) then keepalive = false
-    elseif find(conn, "keep-alive", 1, true) then keepalive = true end
-    if status >= 200 or status == 101 then return status, headers, keepalive end
-    bytes = 0   -- an interim 1xx: the final response follows
+    return nil, "long"   -- the caller says what was too long
   end
+
+  -- Up to n bytes, at least one; or nil, kind, message (kind "closed" when
+  -- the server closed the connection cleanly).
+  function r.some(n)
+    if pos > #buf then
+      local ok, err, msg = fill()
+      if not ok then
+        if msg then return nil, err, msg end
+        return nil, err == "closed" and "closed" or kind_of(err), "reading the body: " .. err
+      end
+    end
+    local piece = sub(buf, pos, pos + n - 1)
+    pos = pos + #piece
+    return piece
+  end
+
+  -- Whether bytes past the response are already here (then the connection
+  -- must not be reused).
+  function r.leftover() return pos <= #buf end
+  return r
 end
 
--- Reads the body; hands it to sink(piece) as it comes. Returns true,
--- reusable or nil, kind, message. sink returns nil, kind, msg to stop.
-local function read_body(sock, q, status, headers, sink)
-  local max = q.max_body
-  local te = headers["transfer-encoding"]
+-- Reads the status line and headers of the final response. Returns
+-- status, headers, keepalive, or nil, kind, message. At most 10 interim
+-- (1xx) responses; status line, headers and interim responses share one
+-- budget of HEADER_BYTES_MAX bytes.
+local function read_head(rd)
+  local budget = HEADER_BYTES_MAX
+  local function line_error(kind, msg)
+    if kind == "long" then
+      return nil, "too_large", format("response headers exceed %d bytes", HEADER_BYTES_MAX)
+    end
+    return nil, kind, msg
+  end
+  for _ = 1, 11 do
+    local line, kind, msg = rd.line(budget)
+    if not line then return line_error(kind, msg) end
+    budget = budget - #line - 2
+    local v, code = match(line, "^HTTP/(%d%.%d) (%d%d%d)$")
+    if not v then v, code = match(line, "^HTTP/(%d%.%d) (%d%d%d) ") end
+    local status = tonumber(code)
+    if not status then return nil, "protocol", "not an HTTP status line" end
+    local fields, order, last = {}, {}, nil   -- name -> list of values
+    while true do
+      line, kind, msg = rd.line(budget)
+      if not line then
+        if kind == "closed" then kind = "reset" end
+        return line_error(kind, msg)
+      end
+      budget = budget - #line - 2
+      if line == "" then break end
+      if find(line, "^[ \t]") then   -- obsolete line folding
+        if not last then return nil, "protocol", "a folded line before any header" end
+        local list = fields[last]
+        list[#list] = list[#list] .. " " .. gsub(line, "^[ \t]+", "")
+      else
+        local name, value = match(line, "^([^:%s]+):[ \t]*(.-)[ \t]*$")
+        if not name then return nil, "protocol", "a response header line without a name and colon" end
+        name = lower(name)
+        local list = fields[name]
+        if not list then list = {}; fields[name] = list; order[#order + 1] = name end
+        list[#list + 1] = value
+        last = name
+      end
+    end
+    if status >= 200 or status == 101 then
+      local headers = {}
+      for i = 1, #order do
+        local name = order[i]
+        local list = fields[name]
+        if name == "set-cookie" then headers[name] = list
+        elseif #list == 1 then headers[name] = list[1]
+        else headers[name] = concat(list, ", ") end
+      end
+      local keepalive = v == "1.1"
+      local conn = headers.connection and lower(headers.connection) or ""
+      if find(conn, "close", 1, true) then keepalive = false
+      elseif find(conn, "keep-alive", 1, true) then keepalive = true end
+      return status, headers, keepalive
+    end
+  end
+  return nil, "protocol", "more than 10 interim (1xx) responses"
+end
+
+-- Reads the body into sink(piece). Returns true, reusable, or nil, kind,
+-- message; sink returns nil, kind, message to stop.
+local function read_body(rd, q, status, headers, sink)
   if q.method == "HEAD" or status == 204 or status == 304 or (status >= 100 and status < 200) then
     return true, true
   end
-  if te and find(lower(te), "chunked", 1, true) then
+  local te = headers["transfer-encoding"]
+  local cl = headers["content-length"]
+  if te then
+    -- chunked must be the last coding (RFC 9112 6.3); with a Content-Length
+    -- as well the reply is suspect: framed by chunks, never reused
+    local codings = lower(te)
+    if not match(codings, "chunked%s*$") then
+      return nil, "protocol", "Transfer-Encoding without chunked last: " .. te
+    end
+    local budget = HEADER_BYTES_MAX
+    local function line_error(kind, msg, what)
+      if kind == "long" then return nil, "protocol", what .. " too long" end
+      return nil, kind == "closed" and "reset" or kind, msg
+    end
     while true do
-      local line, err = sock:receive("*l")
-      if not line then return nil, kind_of(err), "reading a chunk size: " .. err end
-      local size = tonumber(match(line, "^%s*(%x+)"), 16)
-      if not size then return nil, "protocol", "bad chunk size line" end
+      local line, kind, msg = rd.line(budget)
+      if not line then return line_error(kind, msg, "chunk size lines") end
+      budget = budget - #line - 2
+      local hex = match(line, "^(%x+)[ \t]*;") or match(line, "^(%x+)[ \t]*$")
+      if not hex or #hex > 15 then return nil, "protocol", "a bad chunk size line" end
+      local size = tonumber(hex, 16)
       if size == 0 then
         repeat   -- trailers, up to the blank line
-          line, err = sock:receive("*l")
-          if not line then return nil, kind_of(err), "reading trailers: " .. err end
+          line, kind, msg = rd.line(budget)
+          if not line then return line_error(kind, msg, "trailers") end
+          budget = budget - #line - 2
         until line == ""
-        return true, true
+        return true, cl == nil
       end
       while size > 0 do
-        local piece, err2 = sock:receiveany(min(size, READ_MAX))
-        if not piece then return nil, kind_of(err2), "reading the body: " .. err2 end
+        local piece, kind2, msg2 = rd.some(min(size, READ_MAX))
+        if not piece then return nil, kind2 == "closed" and "reset" or kind2, msg2 end
         size = size - #piece
-        local ok, kind, msg = sink(piece)
-        if not ok then return nil, kind, msg end
+        local ok, k, m = sink(piece)
+        if not ok then return nil, k, m end
       end
-      line, err = sock:receive(2)
-      if line ~= "\r\n" then
-        return nil, line and "protocol" or kind_of(err), "chunk not followed by CRLF"
-      end
+      line, kind, msg = rd.line(2)
+      if not line then return line_error(kind, msg, "the end of a chunk") end
+      if line ~= "" then return nil, "protocol", "a chunk not followed by CRLF" end
     end
   end
-  local len = headers["content-length"]
-  if len then
-    len = tonumber(match(len, "^%s*(%d+)%s*$"))
-    if not len then return nil, "protocol", "bad Content-Length" end
-    if len > max then
-      return nil, "too_large", format("response body exceeds max_body (%d bytes): Content-Length too large", max)
+  if cl then
+    -- repeated (joined with ", ") they must all agree (RFC 9110 8.6)
+    local len
+    for v in string.gmatch(cl, "[^,]+") do
+      local n = tonumber(match(v, "^%s*(%d+)%s*$"))
+      if not n or (len and n ~= len) then return nil, "protocol", "a bad Content-Length" end
+      len = n
+    end
+    if not len then return nil, "protocol", "a bad Content-Length" end
+    if len > q.max_body then
+      return nil, "too_large",
+             format("response body exceeds max_body (%d bytes): Content-Length too large", q.max_body)
     end
     while len > 0 do
-      local piece, err = sock:receiveany(min(len, READ_MAX))
-      if not piece then return nil, kind_of(err), "reading the body: " .. err end
+      local piece, kind, msg = rd.some(min(len, READ_MAX))
+      if not piece then return nil, kind == "closed" and "reset" or kind, msg end
       len = len - #piece
-      local ok, kind, msg = sink(piece)
-      if not ok then return nil, kind, msg end
+      local ok, k, m = sink(piece)
+      if not ok then return nil, k, m end
     end
     return true, true
   end
   while true do   -- no framing: the body ends when the server closes
-    local piece, err = sock:receiveany(READ_MAX)
+    local piece, kind, msg = rd.some(READ_MAX)
     if not piece then
-      if err == "closed" then return true, false end
-      return nil, kind_of(err), "reading the body: " .. err
+      if kind == "closed" then return true, false end
+      return nil, kind, msg
     end
-    local ok, kind, msg = sink(piece)
-    if not ok then return nil, kind, msg end
+    local ok, k, m = sink(piece)
+    if not ok then return nil, k, m end
   end
 end
 
--- Runs one checked request. Returns res, or nil, err; raises what on_chunk raises.
-local function perform(self, q)
+-- Runs one checked request. Returns res, or nil, err; raises what on_chunk
+-- raises. A request that finds its kept-alive connection closed before any
+-- byte of an answer is sent once more on a new connection, within the same
+-- deadline (curl does the same).
+local function perform(self, q, t0, deadline)
   local ngx = ngx_api()
   local o = self.opts
-  local t0 = now()
-  local deadline = q.timeout == huge and huge or t0 + q.timeout
+  t0 = t0 or now()
+  deadline = deadline or (q.timeout == huge and huge or t0 + q.timeout)
   local sock = ngx.socket.tcp()
   local https = q.scheme == "https"
   local verify = not o.insecure_skip_verify
-  local pool = format("breaker:%s:%d:%s%s", q.host, q.port, q.scheme, verify and "" or ":noverify")
+  local addr = o.resolve and o.resolve[q.host] or q.host
+  local pool = format("breaker:%s:%s:%d:%s%s", q.host, addr, q.port, q.scheme,
+                      verify and "" or ":noverify")
 
   local ms = left_ms(deadline)
   if not ms then return fail("timeout", "timed out before connecting") end
-  sock:settimeouts(min(ms, floor(q.connect_timeout * 1000)), ms, ms)
-  local addr = o.resolve and o.resolve[q.host] or q.host
-  local ok, err = sock:connect(addr, q.port, { pool = pool, pool_size = o.pool_size })
+  sock:settimeouts(math.max(1, min(ms, floor(q.connect_timeout * 1000))), ms, ms)
+  local ok, err = sock:connect(find(addr, ":", 1, true) and "[" .. addr .. "]" or addr, q.port,
+                               { pool = pool, pool_size = o.pool_size })
   if not ok then return fail(kind_of(err, true), format("connecting to %s:%d: %s", q.host, q.port, err)) end
   local reused = (sock:getreusedtimes() or 0) > 0
   if https and not reused then
@@ -367,10 +484,9 @@ local function perform(self, q)
   end
   local connect_time = now() - t0
 
-  local head = { q.method, " ", q.path, " HTTP/1.1\r\nHost: ", q.host }
-  if find(q.host, ":", 1, true) then head[5] = "[" .. q.host .. "]" end
-  if q.port ~= (https and 443 or 80) then head[#head + 1] = ":" .. q.port end
-  head[#head + 1] = "\r\n"
+  local host = q.has.host or (find(q.host, ":", 1, true) and "[" .. q.host .. "]" or q.host)
+  if not q.has.host and q.port ~= (https and 443 or 80) then host = host .. ":" .. q.port end
+  local head = { q.method, " ", q.path, " HTTP/1.1\r\nHost: ", host, "\r\n" }
   if o.user_agent and not q.has["user-agent"] then
     head[#head + 1] = "User-Agent: " .. o.user_agent .. "\r\n"
   end
@@ -387,57 +503,51 @@ local function perform(self, q)
   sent, err = sock:send(head)
   if not sent then
     sock:close()
-    -- a kept-alive connection the server had closed: try once on a new one
     if reused and err ~= "timeout" and not q.retried then
       q.retried = true
-      return perform(self, q)
+      return perform(self, q, t0, deadline)
     end
     return fail(kind_of(err), "sending the request: " .. err)
   end
 
-  local status, headers, keepalive = read_head(sock)
+  local rd = reader(sock, deadline)
+  local status, headers, keepalive = read_head(rd)
   if not status then
     sock:close()
     local kind, msg = headers, keepalive
-    if kind == "reset" and reused and not q.retried then
-      q.retried = true   -- the same stale connection, found on the first read
-      return perform(self, q)
+    if kind == "closed" and reused and rd.got == 0 and not q.retried then
+      q.retried = true   -- the kept-alive connection was stale: nothing came back
+      return perform(self, q, t0, deadline)
     end
+    if kind == "closed" then kind = "reset" end
     return fail(kind, msg)
   end
-  local first_byte = now() - t0
-  ms = left_ms(deadline)
-  if not ms then sock:close(); return fail("timeout", "timed out reading the body", status) end
-  sock:settimeouts(ms, ms, ms)
+  local first_byte = (rd.first or now()) - t0
 
   local stream = q.on_chunk ~= nil and status >= 200 and status < 300
-  local parts, received = {}, 0
+  local parts, received, raised, did_raise = {}, 0, nil, false
   local function sink(piece)
     received = received + #piece
     if received > q.max_body then
       return nil, "too_large", format("response body exceeds max_body (%d bytes)", q.max_body)
     end
     if stream then
-      local go = q.on_chunk(piece)
+      local okc, go = pcall(q.on_chunk, piece)
+      if not okc then raised, did_raise = go, true; return nil, "raised" end
       if go == false then return nil, "aborted", "transfer aborted by on_chunk" end
     else
       parts[#parts + 1] = piece
     end
-    if deadline ~= huge then
-      local left = left_ms(deadline)
-      if not left then return nil, "timeout", "timed out reading the body" end
-      sock:settimeouts(left, left, left)
-    end
     return true
   end
-  local okc, body_ok, kind, msg = pcall(read_body, sock, q, status, headers, sink)
-  if not okc then sock:close(); error(body_ok, 0) end   -- on_chunk raised
+  local body_ok, reusable, msg = read_body(rd, q, status, headers, sink)
+  if did_raise then sock:close(); error(raised, 0) end
   if not body_ok then
     sock:close()
-    return fail(kind, msg, status)
+    return fail(reusable, msg, status)
   end
-  if kind and keepalive then   -- kind is "reusable" here
-    sock:setkeepalive(floor(o.keepalive_timeout * 1000), o.pool_size)
+  if reusable and keepalive and not rd.leftover() then
+    if not sock:setkeepalive(floor(o.keepalive_timeout * 1000), o.pool_size) then sock:close() end
   else
     sock:close()
   end
@@ -458,15 +568,18 @@ end
 function T:request(req)
   local ngx = ngx_api()
   check_phase(ngx)
-  return perform(self, read_request(self, req, "request"))
+  return perform(self, blame(read_request, self, req, "request"))
 end
 
 function T:request_many(list)
   local ngx = ngx_api()
   check_phase(ngx)
-  if type(list) ~= "table" then raise("request_many expects a list of requests") end
-  local qs = {}
-  for i = 1, #list do qs[i] = read_request(self, list[i], "requests[" .. i .. "]") end
+  local qs = blame(function()
+    if type(list) ~= "table" then raise("request_many expects a list of requests") end
+    local out = {}
+    for i = 1, #list do out[i] = read_request(self, list[i], "requests[" .. i .. "]") end
+    return out
+  end)
   local threads, out = {}, {}
   for i = 1, #qs do
     threads[i] = ngx.thread.spawn(function()

@@ -43,9 +43,11 @@ function _M.run()
   local ok, a, b = pcall(function()
     if spec.many then
       for i, r in ipairs(spec.many) do spec.many[i] = prepare(r) end
-      return t:request_many(spec.many)
+      local out = t:request_many(spec.many)
+      return out
     end
-    return t:request(prepare(spec.req))
+    local res, err = t:request(prepare(spec.req))   -- not a tail call: keeps the error's line
+    return res, err
   end)
   if not ok then return reply{ raised = tostring(a), chunks = chunks } end
   if spec.many then
