@@ -8,8 +8,7 @@ local cjson = require "cjson"
 local concat, format = table.concat, string.format
 
 local repo = helper.repo_dir()
-local LUA_PATH = concat({ repo .. "/lua/?.lua", repo .. "/lua/?/init.lua", repo .. "/spec/support/?.lua",
-                          "/usr/share/lua/5.1/?.lua", "" }, ";") .. ";"
+local LUA_PATH, LUA_CPATH = helper.nginx.lua_paths()
 
 local CONF = [[
 load_module /usr/share/nginx/modules/ndk_http_module.so;
@@ -29,7 +28,7 @@ http {
   scgi_temp_path %s/tmp/scgi;
   client_body_buffer_size 1m;
   lua_package_path '%s';
-  lua_package_cpath '%s/build/?.so;/usr/lib/x86_64-linux-gnu/lua/5.1/?.so;;';
+  lua_package_cpath '%s';
   lua_ssl_trusted_certificate %s;
   lua_ssl_verify_depth 2;
   lua_socket_log_errors off;
@@ -58,7 +57,7 @@ describe("breaker.cosocket in nginx", function()
       name = "cosocket-app",
       render = function(port, prefix)
         return format(CONF, is_root and "user root;" or "", prefix, prefix, prefix, prefix, prefix, prefix,
-                      prefix, LUA_PATH, repo, tls.ca_file:sub(1, 1) == "/" and tls.ca_file
+                      prefix, LUA_PATH, LUA_CPATH, tls.ca_file:sub(1, 1) == "/" and tls.ca_file
                       or repo .. "/" .. tls.ca_file, port)
       end,
     }

@@ -228,6 +228,15 @@ function helper.repo_dir()
   return dir
 end
 
+-- lua_package_path and lua_package_cpath for an nginx that runs this
+-- checkout's modules and the spec support files.
+function nginx.lua_paths()
+  local repo = helper.repo_dir()
+  return concat({ repo .. "/lua/?.lua", repo .. "/lua/?/init.lua", repo .. "/spec/support/?.lua",
+                  "/usr/share/lua/5.1/?.lua", "" }, ";") .. ";",
+         repo .. "/build/?.so;/usr/lib/x86_64-linux-gnu/lua/5.1/?.so;;"
+end
+
 -- Reads /proc/<pid>/stat: ppid and state letter, or nil when gone.
 local function proc_stat(pid)
   local f = io.open("/proc/" .. pid .. "/stat")

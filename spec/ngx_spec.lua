@@ -9,9 +9,7 @@ local cjson = require "cjson"
 local format, concat = string.format, table.concat
 
 local repo = helper.repo_dir()
-local LUA_PATH = concat({ repo .. "/lua/?.lua", repo .. "/lua/?/init.lua", repo .. "/spec/support/?.lua",
-                          "/usr/share/lua/5.1/?.lua", "" }, ";") .. ";"
-local LUA_CPATH = repo .. "/build/?.so;;"
+local LUA_PATH, LUA_CPATH = helper.nginx.lua_paths()
 local IS_ROOT = (function()
   local p = io.popen(helper.clean_env .. "id -u")
   local id = p:read("*l")

@@ -371,6 +371,19 @@ local function read_head(rd)
   return nil, "protocol", "more than 10 interim (1xx) responses"
 end
 
+-- Passes the next n bytes of the body to sink. Returns true, or nil, kind,
+-- message (from the socket or from sink).
+local function copy(rd, n, sink)
+  while n > 0 do
+    local piece, kind, msg = rd.some(min(n, READ_MAX))
+    if not piece then return nil, kind == "closed" and "reset" or kind, msg end
+    n = n - #piece
+    local ok, k, m = sink(piece)
+    if not ok then return nil, k, m end
+  end
+  return true
+end
+
 -- Reads the body into sink(piece). Returns true, reusable, or nil, kind,
 -- message; sink returns nil, kind, message to stop.
 local function read_body(rd, q, status, headers, sink)
@@ -406,13 +419,8 @@ local function read_body(rd, q, status, headers, sink)
         until line == ""
         return true, cl == nil
       end
-      while size > 0 do
-        local piece, kind2, msg2 = rd.some(min(size, READ_MAX))
-        if not piece then return nil, kind2 == "closed" and "reset" or kind2, msg2 end
-        size = size - #piece
-        local ok, k, m = sink(piece)
-        if not ok then return nil, k, m end
-      end
+      local ok, k, m = copy(rd, size, sink)
+      if not ok then return nil, k, m end
       line, kind, msg = rd.line(2)
       if not line then return line_error(kind, msg, "the end of a chunk") end
       if line ~= "" then return nil, "protocol", "a chunk not followed by CRLF" end
@@ -431,13 +439,8 @@ local function read_body(rd, q, status, headers, sink)
       return nil, "too_large",
              format("response body exceeds max_body (%d bytes): Content-Length too large", q.max_body)
     end
-    while len > 0 do
-      local piece, kind, msg = rd.some(min(len, READ_MAX))
-      if not piece then return nil, kind == "closed" and "reset" or kind, msg end
-      len = len - #piece
-      local ok, k, m = sink(piece)
-      if not ok then return nil, k, m end
-    end
+    local ok, k, m = copy(rd, len, sink)
+    if not ok then return nil, k, m end
     return true, true
   end
   while true do   -- no framing: the body ends when the server closes
