@@ -109,6 +109,8 @@ describe("breaker.cosocket in nginx", function()
       assert.is_number(res.timing[k])
     end
     assert.is_true(res.timing.connect <= res.timing.first_byte and res.timing.first_byte <= res.timing.total)
+    -- a long timeout is more than a socket timeout can hold: capped, not raised
+    assert.are.equal(200, run{ req = { url = up.url .. "/echo", timeout = 1e7 } }.res.status)
   end)
 
   it("joins repeated headers and keeps set-cookie as a list", function()
@@ -249,15 +251,18 @@ describe("breaker.cosocket in nginx", function()
     end
 
     it("answers protocol, never raising, for replies it cannot read", function()
-      for _, path in ipairs{ "/bad_chunk", "/chunk_0x", "/no_colon", "/status_2000", "/many_interim" } do
+      for _, path in ipairs{ "/bad_chunk", "/chunk_0x", "/no_colon", "/status_2000", "/many_interim",
+                             "/te_xchunked", "/upgrade_101" } do
         local out = get(path)
         assert.is_nil(out.raised, path)
         assert.are.equal("protocol", out.err and out.err.kind, path .. ": " .. cjson.encode(out))
       end
     end)
 
-    it("reads chunk extensions, trailers and a repeated equal Content-Length", function()
+    it("reads chunk extensions, trailers, many chunks and a repeated equal Content-Length", function()
       assert.are.equal("hello world", get("/chunk_ext").res.body)
+      assert.are.equal("hello", get("/chunk_16_digits").res.body)
+      assert.are.equal(100000, #get("/many_chunks").res.body)
       assert.are.equal("hello", get("/two_lengths").res.body)
     end)
 
@@ -287,6 +292,15 @@ describe("breaker.cosocket in nginx", function()
       -- the last /ok found its pooled connection closed and went again on a new one
       assert.are.equal(count(before, "/ok") + 2, count(after, "/ok"))
       assert.are.equal(before.connections + 2, after.connections)
+      -- reset (RST) instead of closed: the same. /ok_then_rst resets a
+      -- connection's second request; both calls below find a kept-alive
+      -- connection (the one the resend above opened, then the one the first
+      -- call's resend opened), get the reset, and go again on a new one.
+      before = raw_stats()
+      assert.are.equal("fine", get("/ok_then_rst").res.body)
+      assert.are.equal("fine", get("/ok_then_rst").res.body)
+      after = raw_stats()
+      assert.are.equal(count(before, "/ok_then_rst") + 4, count(after, "/ok_then_rst"))
       -- the status line arrived, then the connection closed: not sent again
       assert.are.equal("reset", get("/status_then_close").err.kind)
       assert.are.equal(count(before, "/status_then_close") + 1, count(raw_stats(), "/status_then_close"))

@@ -241,7 +241,7 @@ local function left_ms(deadline)
   if deadline == huge then return 2 ^ 31 - 1 end
   local ms = floor((deadline - now()) * 1000)
   if ms <= 0 then return nil end
-  return ms
+  return min(ms, 2 ^ 31 - 1)   -- the most settimeouts takes
 end
 
 -- A buffered reader over the socket, every read bounded by the request's
@@ -266,8 +266,8 @@ local function reader(sock, deadline)
   end
 
   -- The next line without its CRLF (a bare LF ends one too), at most
-  -- `limit` bytes long; nil, "long" past that, nil, "closed" when the
-  -- server closed the connection first.
+  -- `limit` bytes long, its CR included; nil, "long" past that, nil,
+  -- "closed" when the server closed the connection first.
   function r.line(limit)
     while true do
       local e = find(buf, "\n", pos, true)
@@ -352,7 +352,10 @@ local function read_head(rd)
         last = name
       end
     end
-    if status >= 200 or status == 101 then
+    if status == 101 then   -- no upgrade is ever asked for, or supported
+      return nil, "protocol", "an unasked-for 101 Switching Protocols"
+    end
+    if status >= 200 then
       local headers = {}
       for i = 1, #order do
         local name = order[i]
@@ -396,19 +399,19 @@ local function read_body(rd, q, status, headers, sink)
     -- chunked must be the last coding (RFC 9112 6.3); with a Content-Length
     -- as well the reply is suspect: framed by chunks, never reused
     local codings = lower(te)
-    if not match(codings, "chunked%s*$") then
+    if not (match(codings, "^%s*chunked%s*$") or match(codings, ",%s*chunked%s*$")) then
       return nil, "protocol", "Transfer-Encoding without chunked last: " .. te
     end
-    local budget = HEADER_BYTES_MAX
+    local budget = HEADER_BYTES_MAX   -- for the trailers
     local function line_error(kind, msg, what)
       if kind == "long" then return nil, "protocol", what .. " too long" end
       return nil, kind == "closed" and "reset" or kind, msg
     end
     while true do
-      local line, kind, msg = rd.line(budget)
-      if not line then return line_error(kind, msg, "chunk size lines") end
-      budget = budget - #line - 2
+      local line, kind, msg = rd.line(4096)   -- each chunk size line on its own
+      if not line then return line_error(kind, msg, "a chunk size line") end
       local hex = match(line, "^(%x+)[ \t]*;") or match(line, "^(%x+)[ \t]*$")
+      hex = hex and gsub(hex, "^0+(%x)", "%1")
       if not hex or #hex > 15 then return nil, "protocol", "a bad chunk size line" end
       local size = tonumber(hex, 16)
       if size == 0 then
@@ -478,6 +481,10 @@ local function perform(self, q, t0, deadline)
   if not ok then return fail(kind_of(err, true), format("connecting to %s:%d: %s", q.host, q.port, err)) end
   local reused = (sock:getreusedtimes() or 0) > 0
   if https and not reused then
+    -- the handshake is timed by the connect timeout: what is left of it
+    ms = left_ms(deadline)
+    if not ms then sock:close(); return fail("timeout", "timed out before the TLS handshake") end
+    sock:settimeouts(math.max(1, min(ms, floor(q.connect_timeout * 1000))), ms, ms)
     ok, err = sock:sslhandshake(nil, q.host, verify)
     if not ok then
       sock:close()
@@ -518,7 +525,7 @@ local function perform(self, q, t0, deadline)
   if not status then
     sock:close()
     local kind, msg = headers, keepalive
-    if kind == "closed" and reused and rd.got == 0 and not q.retried then
+    if (kind == "closed" or kind == "reset") and reused and rd.got == 0 and not q.retried then
       q.retried = true   -- the kept-alive connection was stale: nothing came back
       return perform(self, q, t0, deadline)
     end

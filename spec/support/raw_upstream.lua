@@ -46,7 +46,8 @@ local function ok(body, extra)
   return "HTTP/1.1 200 OK\r\nContent-Length: " .. #body .. "\r\n" .. (extra or "") .. "\r\n" .. body
 end
 
--- Each answer writes to c; returning "close" closes the connection after it.
+-- Each answer writes to c (n: the request's number on its connection);
+-- returning "close" closes the connection after it.
 local ANSWERS = {
   ["/ok"] = function(c) send(c, ok("fine")) end,
   -- answers, then closes the connection the client keeps alive
@@ -68,6 +69,28 @@ local ANSWERS = {
   ["/no_colon"] = function(c) send(c, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nno colon here\r\n\r\nhi") end,
   ["/status_2000"] = function(c) send(c, "HTTP/1.1 2000 OK\r\nContent-Length: 2\r\n\r\nhi") end,
   ["/two_lengths"] = function(c) send(c, ok("hello", "Content-Length: 5\r\n")) end,
+  -- 100000 chunks of one byte: a long stream in small pieces
+  ["/many_chunks"] = function(c)
+    send(c, "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" .. ("1\r\nx\r\n"):rep(100000)
+            .. "0\r\n\r\n")
+  end,
+  ["/chunk_16_digits"] = function(c)
+    send(c, "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0000000000000005\r\nhello\r\n0\r\n\r\n")
+  end,
+  ["/te_xchunked"] = function(c)
+    send(c, "HTTP/1.1 200 OK\r\nTransfer-Encoding: xchunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+    return "close"
+  end,
+  ["/upgrade_101"] = function(c)
+    send(c, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: Upgrade\r\n\r\n")
+    return "close"
+  end,
+  -- a second request on a connection gets a reset (RST), nothing else
+  ["/ok_then_rst"] = function(c, n)
+    if n == 1 then send(c, ok("fine")); return end
+    c:setoption("linger", { on = true, timeout = 0 })
+    return "close"
+  end,
   -- framed by chunks; the Content-Length beside it makes the connection suspect
   ["/length_and_chunked"] = function(c)
     send(c, "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
@@ -102,6 +125,7 @@ local function stats_json()
 end
 
 local function serve(c)
+  local n = 0
   while true do
     local request_line = line(c)
     if not request_line then break end
@@ -130,9 +154,10 @@ local function serve(c)
       send(c, ok(body, "Content-Type: application/json\r\n"))
     else
       requests[path] = (requests[path] or 0) + 1
+      n = n + 1
       local answer = ANSWERS[path]
       if answer then
-        result = answer(c)
+        result = answer(c, n)
       else
         send(c, "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
       end
