@@ -1131,7 +1131,7 @@ static int parse_decimal(const char *p, size_t n, int allow_fraction, double *ou
 	return 1;
 }
 
-int http_parse_retry_after(const char *s, size_t len, time_t now, double *out)
+int http_parse_retry_after(const char *s, size_t len, double now, double *out)
 {
 	char date[257];
 	size_t i;
@@ -1162,7 +1162,7 @@ int http_parse_retry_after(const char *s, size_t len, time_t now, double *out)
 	when = curl_getdate(date, NULL);
 	if (when == (time_t)-1)
 		return 0;
-	delta = difftime(when, now);
+	delta = (double)when - now;
 	if (delta > HTTP_RETRY_AFTER_MAX)
 		return 0;
 	*out = delta > 0.0 ? delta : 0.0;

@@ -133,10 +133,11 @@ const http_result *http_request_result(const http_request *r);
 void http_request_free(http_client *c, http_request *r);
 
 /* Parses a Retry-After value: delta-seconds ("120") or an HTTP-date (with
- * curl_getdate; a past date gives 0). Stores seconds in *out and returns 1,
- * or returns 0 for anything else: empty, garbage, negative, NUL bytes,
- * longer than 256 bytes, or beyond HTTP_RETRY_AFTER_MAX seconds. */
-int http_parse_retry_after(const char *s, size_t len, time_t now, double *out);
+ * curl_getdate; the seconds from now, seconds since the epoch with its
+ * fraction, to that date; a past date gives 0). Stores seconds in *out and
+ * returns 1, or returns 0 for anything else: empty, garbage, negative, NUL
+ * bytes, longer than 256 bytes, or beyond HTTP_RETRY_AFTER_MAX seconds. */
+int http_parse_retry_after(const char *s, size_t len, double now, double *out);
 
 /* Parses a retry-after-ms value ("1500", "1500.5") into seconds, with the
  * same rules (the limit is HTTP_RETRY_AFTER_MAX milliseconds). */

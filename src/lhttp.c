@@ -934,15 +934,21 @@ static int l_parse_retry_after(lua_State *L)
 	double v;
 	size_t len;
 	const char *s;
-	time_t now = time(NULL);
+	double now;
 	int now_ok = 1;
+	struct timespec ts;
 
+	/* The precise clock: time() reads the coarse one, up to a tick behind,
+	 * which near a second's turn made a date 2 s away look 3 s away. */
+	if (clock_gettime(CLOCK_REALTIME, &ts) == 0)
+		now = (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+	else
+		now = (double)time(NULL);
 	if (lua_type(L, 2) == LUA_TNUMBER) {
-		/* NaN, infinities and values beyond +-2^53 cannot be converted
-		 * (undefined behaviour): such a now gives nil, like garbage. */
+		/* NaN and infinities give nil, like garbage */
 		double n = lua_tonumber(L, 2);
 		now_ok = n > -9007199254740992.0 && n < 9007199254740992.0;
-		now = now_ok ? (time_t)n : 0;
+		now = now_ok ? n : 0;
 	}
 	if (lua_type(L, 1) == LUA_TNUMBER) {
 		v = lua_tonumber(L, 1);
