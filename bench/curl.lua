@@ -18,6 +18,8 @@ local curl = require "breaker.curl"
 local helper = require "helper"
 local socket = require "socket"
 local cjson = require "cjson"
+-- the libcurl clients, shared with bench/curl_instr.lua
+local libcurl_clients = dofile((arg and arg[0] or "bench/curl.lua"):gsub("[^/]*$", "") .. "clients.lua")
 
 local N = tonumber(os.getenv("BENCH_N")) or 2000
 local ROUNDS = tonumber(os.getenv("BENCH_ROUNDS")) or 3
@@ -49,15 +51,7 @@ local function check(ok, what)
 end
 
 -- Each client: name, setup(url) -> one_request, teardown.
-local function breaker_client(url)
-  local t = curl.new{ timeout = 10 }
-  local req = { method = "POST", url = url, headers = { ["content-type"] = "application/json" },
-                body = BODY }
-  return function()
-    local res = t:request(req)
-    check(res and res.status == 200, "breaker.curl request failed")
-  end, function() t:close() end
-end
+local function breaker_client(url) return libcurl_clients.breaker(url, BODY) end
 
 local function lua_curl_client(url)
   local cURL = require "cURL"
@@ -76,39 +70,8 @@ local function lua_curl_client(url)
   end, function() e:close() end
 end
 
--- luacurl with one reused easy handle. It collects the body and the status
--- (as breaker.curl gives it); with `with_headers` also a table of headers,
--- names lower-cased and repeats joined: then it gives what breaker.curl gives.
 local function luacurl_maker(with_headers)
-  return function(url)
-    local luacurl = require "curl"
-    local sink, status, headers = {}, nil, nil
-    local e = luacurl.easy_init()
-    e:setopt(luacurl.OPT_URL, url)
-    e:setopt(luacurl.OPT_POSTFIELDS, BODY)
-    e:setopt(luacurl.OPT_HTTPHEADER, { "Content-Type: application/json", "User-Agent: " .. UA, "Expect:" })
-    e:setopt(luacurl.OPT_TIMEOUT, 10)
-    e:setopt(luacurl.OPT_WRITEFUNCTION, function(buf, n) sink[#sink + 1] = buf; return n end)
-    e:setopt(luacurl.OPT_HEADERFUNCTION, function(buf, n)
-      local name, value
-      if with_headers then name, value = buf:match("^([^:%s]+):%s*(.-)%s*$") end
-      if name then
-        name = name:lower()
-        local old = headers[name]
-        headers[name] = old and (old .. ", " .. value) or value
-      else
-        local code = buf:match("^HTTP/%S+ (%d+)")
-        if code then status, headers = tonumber(code), {} end
-      end
-      return n
-    end)
-    return function()
-      sink, status, headers = {}, nil, {}
-      check(e:perform() == 0 and status == 200 and (not with_headers or headers["content-type"]),
-            "luacurl request failed")
-      local _ = table.concat(sink)
-    end, function() end
-  end
+  return function(url) return libcurl_clients.luacurl(url, BODY, UA, with_headers) end
 end
 
 local function socket_http_client(url)

@@ -12,33 +12,11 @@ local BODY = '{"model":"text-embedding-fake","input":"hello"}'
 
 -- Child: `curl_instr.lua --child CLIENT N URL UA` makes N requests.
 if arg[1] == "--child" then
+  local clients = dofile(arg[0]:gsub("[^/]*$", "") .. "clients.lua")
   local which, n, url, ua = arg[2], tonumber(arg[3]), arg[4], arg[5]
   local one
-  if which == "breaker.curl" then
-    local t = require("breaker.curl").new{ timeout = 10 }
-    local req = { method = "POST", url = url, headers = { ["content-type"] = "application/json" },
-                  body = BODY }
-    one = function() assert(t:request(req).status == 200) end
-  else
-    local luacurl = require "curl"
-    local sink, status = {}, nil
-    local e = luacurl.easy_init()
-    e:setopt(luacurl.OPT_URL, url)
-    e:setopt(luacurl.OPT_POSTFIELDS, BODY)
-    e:setopt(luacurl.OPT_HTTPHEADER, { "Content-Type: application/json", "User-Agent: " .. ua, "Expect:" })
-    e:setopt(luacurl.OPT_TIMEOUT, 10)
-    e:setopt(luacurl.OPT_WRITEFUNCTION, function(buf, len) sink[#sink + 1] = buf; return len end)
-    e:setopt(luacurl.OPT_HEADERFUNCTION, function(buf, len)
-      local code = buf:match("^HTTP/%S+ (%d+)")
-      if code then status = tonumber(code) end
-      return len
-    end)
-    one = function()
-      sink, status = {}, nil
-      assert(e:perform() == 0 and status == 200)
-      local _ = table.concat(sink)
-    end
-  end
+  if which == "breaker.curl" then one = clients.breaker(url, BODY)
+  else one = clients.luacurl(url, BODY, ua, false) end
   for _ = 1, n do one() end
   os.exit(0)
 end

@@ -29,20 +29,6 @@ typedef struct buf {
 	size_t cap;
 } buf;
 
-/* Appends n bytes; returns 0, or -1 when out of memory (buffer unchanged). */
-static char *buf_reserve(buf *b, size_t n);
-
-static int buf_append(buf *b, const char *p, size_t n)
-{
-	char *at = buf_reserve(b, n);
-	if (at == NULL)
-		return -1;
-	memcpy(at, p, n);
-	b->len += n;
-	b->data[b->len] = '\0';
-	return 0;
-}
-
 /* Makes room for n more bytes (and the NUL kept after them); returns the
  * place to write them, or NULL when out of memory (buffer unchanged). */
 static char *buf_reserve(buf *b, size_t n)
@@ -61,6 +47,18 @@ static char *buf_reserve(buf *b, size_t n)
 		b->cap = cap;
 	}
 	return b->data + b->len;
+}
+
+/* Appends n bytes; returns 0, or -1 when out of memory (buffer unchanged). */
+static int buf_append(buf *b, const char *p, size_t n)
+{
+	char *at = buf_reserve(b, n);
+	if (at == NULL)
+		return -1;
+	memcpy(at, p, n);
+	b->len += n;
+	b->data[b->len] = '\0';
+	return 0;
 }
 
 static void buf_free(buf *b)

@@ -872,10 +872,8 @@ static int run(lua_State *L, transport *t, int idx, int many)
  * res.streamed = true; other statuses are buffered into res.body. Raises on
  * bad input and rethrows what on_chunk raises.
  *
- * t:request is the Lua function compiled from request_lua, around
- * l_request_raw. */
-/* What t:request's wrapper calls: the same checks and run, but the
- * response comes back in parts (see request_lua). */
+ * t:request is the Lua function compiled from request_lua below; this is
+ * what it calls, and it returns the response in parts. */
 static int l_request_raw(lua_State *L)
 {
 	transport *t = lua_touserdata(L, 1);

@@ -31,9 +31,7 @@ local function semaphore()
   return ok and sema or nil
 end
 
-local YIELDABLE = { rewrite = true, access = true, content = true, timer = true,
-                    ssl_cert = true, ssl_session_fetch = true, ssl_client_hello = true,
-                    preread = true }
+local YIELDABLE = retry.YIELDABLE
 
 -- Validates a bulkhead option and returns a bulkhead (nil for nil/false).
 function _M.new(opt, where)

@@ -58,9 +58,7 @@ local HEADER_BYTES_MAX = 256 * 1024
 local READ_MAX = 65536   -- bytes asked of the socket at a time
 
 -- Phases where cosockets work (ngx.get_phase names).
-local COSOCKET_PHASES = { rewrite = true, access = true, content = true, timer = true,
-                          ssl_cert = true, ssl_session_fetch = true, ssl_client_hello = true,
-                          preread = true }
+local COSOCKET_PHASES = require("breaker.retry").YIELDABLE
 
 -- Raises a caller's mistake; the entry points (new, request, request_many)
 -- catch it and raise it again at their caller's line (see blame).
@@ -461,8 +459,7 @@ end
 -- raises. A request that finds its kept-alive connection closed before any
 -- byte of an answer is sent once more on a new connection, within the same
 -- deadline (curl does the same).
-local function perform(self, q, t0, deadline)
-  local ngx = ngx_api()
+local function perform(self, ngx, q, t0, deadline)
   local o = self.opts
   t0 = t0 or now()
   deadline = deadline or (q.timeout == huge and huge or t0 + q.timeout)
@@ -515,7 +512,7 @@ local function perform(self, q, t0, deadline)
     sock:close()
     if reused and err ~= "timeout" and not q.retried then
       q.retried = true
-      return perform(self, q, t0, deadline)
+      return perform(self, ngx, q, t0, deadline)
     end
     return fail(kind_of(err), "sending the request: " .. err)
   end
@@ -527,7 +524,7 @@ local function perform(self, q, t0, deadline)
     local kind, msg = headers, keepalive
     if (kind == "closed" or kind == "reset") and reused and rd.got == 0 and not q.retried then
       q.retried = true   -- the kept-alive connection was stale: nothing came back
-      return perform(self, q, t0, deadline)
+      return perform(self, ngx, q, t0, deadline)
     end
     if kind == "closed" then kind = "reset" end
     return fail(kind, msg)
@@ -578,7 +575,7 @@ end
 function T:request(req)
   local ngx = ngx_api()
   check_phase(ngx)
-  return perform(self, blame(read_request, self, req, "request"))
+  return perform(self, ngx, blame(read_request, self, req, "request"))
 end
 
 function T:request_many(list)
@@ -591,23 +588,13 @@ function T:request_many(list)
     return out
   end)
   local threads, out = {}, {}
-  for i = 1, #qs do
-    threads[i] = ngx.thread.spawn(function()
-      local res, err = perform(self, qs[i])
-      return res, err
-    end)
-  end
+  for i = 1, #qs do threads[i] = ngx.thread.spawn(perform, self, ngx, qs[i]) end
   local raised
-  for i = 1, #threads do
+  for i = 1, #threads do   -- wait for all, even after one raised (an on_chunk)
     local ok, res, err = ngx.thread.wait(threads[i])
-    if not ok then
-      raised = raised or res
-      out[i] = { err = errors.new("aborted", "request raised: " .. tostring(res)) }
-    elseif res then
-      out[i] = { res = res }
-    else
-      out[i] = { err = err }
-    end
+    if not ok then raised = raised or res
+    elseif res then out[i] = { res = res }
+    else out[i] = { err = err } end
   end
   if raised then error(raised, 2) end
   return out

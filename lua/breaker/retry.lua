@@ -101,10 +101,12 @@ function _M.now()
   return os.time()
 end
 
--- Phases of OpenResty in which ngx.sleep may yield.
+-- Phases of OpenResty in which ngx.sleep and cosockets may yield (shared
+-- with breaker.bulkhead and breaker.cosocket).
 local YIELDABLE = { rewrite = true, access = true, content = true, timer = true,
                     ssl_cert = true, ssl_session_fetch = true, ssl_client_hello = true,
                     preread = true }
+_M.YIELDABLE = YIELDABLE
 
 -- Sleeps `seconds`: ngx.sleep when running in a yieldable OpenResty phase
 -- (the worker keeps serving others), else breaker.clock.sleep (a C sleep that
