@@ -184,6 +184,36 @@ describe("breaker.curl", function()
       one:close()
     end)
 
+
+    -- the handle keeps the last URL parsed (CURLOPT_CURLU): a new URL, or one
+    -- curl refuses, must never leave the old one in place
+    it("goes to each URL it is given on a reused handle, also after one curl refuses", function()
+      local one = curl.new{ timeout = 5 }
+      local function echo(url)
+        local res, err = one:request{ url = url }
+        assert(res, err and err.message)
+        return cjson.decode(res.body)
+      end
+      local host = up.url:match("^http://(.*)$")
+      for round = 1, 2 do
+        local e = echo(up.url .. "/echo?round=" .. round)
+        assert.are.same({ "round=" .. round, host }, { e.args, e.headers.host })
+        local models = assert(one:request{ url = up.url .. "/v1/models", headers = auth() })
+        assert.are.equal("list", cjson.decode(models.body).object)
+        local res, err = one:request{ url = "http://[::1/echo" }
+        assert.is_nil(res)
+        is_error(err, "invalid")
+        e = echo(up.url .. "/echo?after=bad")
+        assert.are.equal("after=bad", e.args)
+        res, err = one:request{ url = "http://127.0.0.1:1/echo" }
+        assert.is_nil(res)
+        is_error(err, "connect")
+        e = echo(up.url .. "/echo?after=refused")
+        assert.are.equal("after=refused", e.args)
+      end
+      assert.are.equal(8, up:stats().requests)
+      one:close()
+    end)
     it("joins repeated headers with ', ' and keeps set-cookie as a list", function()
       local res = assert(t:request{ url = up.url .. "/headers" })
       assert.are.equal("one, two", res.headers["x-multi"])
