@@ -406,6 +406,20 @@ describe("breaker.llm", function()
       assert.equal(0, s.models["small-context"].failures)
     end)
 
+    it("tries each model once per call, also when the larger-context list names one again", function()
+      local log = {}
+      local c = client{ model = "small-context", fallback_models = { "gpt-fake-mini" },
+                        long_context_models = { "small-context", "gpt-fake-mini", "gpt-fake" },
+                        transport = recording_transport(log), policy = { retry = false } }
+      up:scenario{ { fault = "ok" }, { fault = "503" } }
+      local res, err = c:chat{ messages = user(long) }
+      assert.is_nil(err)
+      assert.same({ "small-context", "gpt-fake-mini", "gpt-fake" }, log)
+      assert.equal("gpt-fake", res.model)
+      assert.equal(3, c.last.models)
+      assert.equal(1, c:stats().models["small-context"].calls)
+    end)
+
     it("without a larger model: kind context_length with the provider's code and param", function()
       local c = client{ model = "small-context" }
       local res, err = c:chat{ messages = user(long) }

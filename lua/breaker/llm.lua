@@ -856,7 +856,73 @@ local function reset_report(rep, requested)
   rep.wait = 0
 end
 
+-- One try of `model` for run(): encodes the request for it, sends it
+-- through the model's policy and decodes the answer. Returns the answer, or
+-- nil and the error (counted in the model's stats). `saved` are req's own
+-- model, stream, timeout and on_delta, put back after encoding.
+local function try_model(self, op, req, model, hreq, st, rep, r_model, r_stream, r_timeout, r_on_delta)
+  rep.models = rep.models + 1
+  local m = self:_model(model)
+  local ms = m.stats
+  ms.calls = ms.calls + 1
+  req.model, req.timeout, req.on_delta = model, nil, nil
+  if op == "stream" then req.stream = true end
+  local body, eerr = encode(req)
+  req.model, req.stream, req.timeout, req.on_delta = r_model, r_stream, r_timeout, r_on_delta
+  if not body then
+    raise(op == "stream" and "chat_stream" or op, "the request cannot be encoded as JSON: " .. tostring(eerr))
+  end
+  hreq.body = body
+  local mrep = m.report
+  local transport = st and stream_transport(self, m, st) or self.transport
+  local res, err = m.policy:request(transport, hreq, mrep)
+  rep.attempts = rep.attempts + (mrep.attempts or 0)
+  rep.wait = rep.wait + (mrep.wait or 0)
+  if res then
+    local doc
+    if st then
+      doc = stream_response(st, model)
+    else
+      local derr
+      doc, derr = decode(res.body)
+      if type(doc) ~= "table" then
+        err = new_error("decode", "the response is not JSON: " .. tostring(derr),
+                        { status = res.status, attempts = mrep.attempts })
+        doc = nil
+      end
+    end
+    if doc then
+      account(self, m, doc)
+      return doc
+    end
+  end
+  if type(err) == "table" and err.kind == "breaker_open" then
+    ms.rejected = ms.rejected + 1
+  elseif type(err) == "table" and err.code == "context_length_exceeded" then
+    ms.context_length = ms.context_length + 1
+  else
+    ms.failures = ms.failures + 1
+  end
+  return nil, err
+end
+
+-- After a failed try: the list of models to go on with, or nil to stop.
+local function go_on(self, st, rep, err, list)
+  if st and st.delivered then return nil end -- text went out: never start over
+  if type(err) == "table" and err.code == "context_length_exceeded" then
+    self._totals.context_routed = self._totals.context_routed + 1
+    rep.routed = "context_length"
+    local long = self.long_context_models
+    if long and list ~= long then return long, true end
+    return list
+  end
+  if not availability_failure(err) then return nil end
+  return list
+end
+
 -- Runs `op` ("chat", "stream" or "embeddings") over the chain of models.
+-- The first model is tried before the loop over the others: a call its
+-- first model answers runs no loop, which keeps it compiled by LuaJIT.
 local function run(self, op, req, on_delta)
   local t_start = clock.now_precise()
   local first = req.model
@@ -884,84 +950,45 @@ local function run(self, op, req, on_delta)
   }
   local st = op == "stream" and stream_state(on_delta) or nil
 
-  local list, pos = chain(self, first, op), 1
-  local tried, last_err, last_model = nil, nil, nil
-  while true do
-    local model = list[pos]
-    if model == nil then break end
-    pos = pos + 1
-    if not (tried and tried[model]) then
-      if last_model then
+  local list = chain(self, first, op)
+  local model = list[1]
+  local doc, err = try_model(self, op, req, model, hreq, st, rep, r_model, r_stream, r_timeout, r_on_delta)
+  local last_model = model
+  if not doc then
+    local restart
+    list, restart = go_on(self, st, rep, err, list)
+    local pos, tried = restart and 1 or 2, nil
+    while list do
+      model = list[pos]
+      if model == nil then break end
+      pos = pos + 1
+      -- each model once per call (before `tried` exists, only the first was)
+      local seen
+      if tried then seen = tried[model] else seen = model == last_model end
+      if not seen then
         tried = tried or { [last_model] = true }
         tried[model] = true
-      end
-      rep.models = rep.models + 1
-      local m = self:_model(model)
-      local ms = m.stats
-      ms.calls = ms.calls + 1
-      req.model, req.timeout, req.on_delta = model, nil, nil
-      if op == "stream" then req.stream = true end
-      local body, eerr = encode(req)
-      req.model, req.stream, req.timeout, req.on_delta = r_model, r_stream, r_timeout, r_on_delta
-      if not body then
-        raise(op == "stream" and "chat_stream" or op, "the request cannot be encoded as JSON: " .. tostring(eerr))
-      end
-      hreq.body = body
-      local mrep = m.report
-      local transport = st and stream_transport(self, m, st) or self.transport
-      local res, err = m.policy:request(transport, hreq, mrep)
-      rep.attempts = rep.attempts + (mrep.attempts or 0)
-      rep.wait = rep.wait + (mrep.wait or 0)
-      last_model = model
-      local doc
-      if res then
-        if st then
-          doc = stream_response(st, model)
-        else
-          local derr
-          doc, derr = decode(res.body)
-          if type(doc) ~= "table" then
-            err = new_error("decode", "the response is not JSON: " .. tostring(derr),
-                            { status = res.status, attempts = mrep.attempts })
-            doc = nil
-          end
-        end
-      end
-      if doc then
-        account(self, m, doc)
-        totals.successes = totals.successes + 1
-        if ckey and (not st or next(st.texts) ~= nil) then
-          self._cache:set(ckey, doc, clock.now_precise())
-        end
-        rep.model = model
-        if st and st.first_at then rep.ttft = st.first_at - t_start end
-        rep.elapsed = clock.now_precise() - t_start
-        return doc
-      end
-      -- Failed on this model.
-      if type(err) == "table" and err.kind == "breaker_open" then
-        ms.rejected = ms.rejected + 1
-      elseif type(err) == "table" and err.code == "context_length_exceeded" then
-        ms.context_length = ms.context_length + 1
-      else
-        ms.failures = ms.failures + 1
-      end
-      last_err = err
-      if st and st.delivered then break end -- text went out: never start over
-      if type(err) == "table" and err.code == "context_length_exceeded" then
-        totals.context_routed = totals.context_routed + 1
-        rep.routed = "context_length"
-        if self.long_context_models and list ~= self.long_context_models then
-          list, pos = self.long_context_models, 1
-        end
-      elseif not availability_failure(err) then
-        break
+        doc, err = try_model(self, op, req, model, hreq, st, rep, r_model, r_stream, r_timeout, r_on_delta)
+        last_model = model
+        if doc then break end
+        list, restart = go_on(self, st, rep, err, list)
+        if restart then pos = 1 end
       end
     end
   end
+  if doc then
+    totals.successes = totals.successes + 1
+    if ckey and (not st or next(st.texts) ~= nil) then
+      self._cache:set(ckey, doc, clock.now_precise())
+    end
+    rep.model = last_model
+    if st and st.first_at then rep.ttft = st.first_at - t_start end
+    rep.elapsed = clock.now_precise() - t_start
+    return doc
+  end
 
   totals.failures = totals.failures + 1
-  local err = finish_error(self, last_err or new_error("error", "no model could be tried"), last_model)
+  err = finish_error(self, err or new_error("error", "no model could be tried"), last_model)
   err.models = rep.models
   rep.model = nil
   if not (st and st.delivered) then
