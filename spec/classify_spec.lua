@@ -272,6 +272,16 @@ describe("breaker.classify", function()
       assert.is_true(c(res(503)).retryable) -- the default classifier is unchanged
     end)
 
+    it("classifies a transport error by its kind when its status is made a success", function()
+      -- statuses = { [200] = "success" } (or 404, the README's example) makes
+      -- a verdict table of its own: a reset after that status line still fails
+      for _, st in ipairs{ 200, 404 } do
+        local u = classify.new{ statuses = { [st] = "success" } }
+        local v = u(nil, errors.new("reset", "cut", { status = st }))
+        assert.same({ "failure", true, "reset" }, { v.outcome, v.retryable, v.kind }, st)
+      end
+    end)
+
     it("merges kinds and the unknown rule", function()
       local u = classify.new{ kinds = { dns = { outcome = "failure", retryable = true } },
                               unknown = { outcome = "ignored" } }

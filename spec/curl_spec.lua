@@ -83,6 +83,19 @@ describe("breaker.curl", function()
       tt:close()
     end)
 
+    it("tells a policy its default timeout, nil for none, also when closed", function()
+      local tt = curl.new{ timeout = 0.5 }
+      assert.equal(0.5, tt:default_timeout())
+      tt:close()
+      assert.equal(0.5, tt:default_timeout())
+      assert.equal(60, curl.new():default_timeout())
+      assert.is_nil(curl.new{ timeout = math.huge }:default_timeout())
+      -- breaker.cosocket keeps the same contract (it needs nginx only to send)
+      local cosocket = require "breaker.cosocket"
+      assert.equal(3, cosocket.new{ timeout = 3 }:default_timeout())
+      assert.is_nil(cosocket.new{ timeout = math.huge }:default_timeout())
+    end)
+
     it("raises on unknown or bad options, naming the key", function()
       raises(function() curl.new{ verify = false } end, "unknown key 'verify'")
       raises(function() curl.new{ verify_tls = false } end, "unknown key 'verify_tls'")

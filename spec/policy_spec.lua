@@ -461,6 +461,14 @@ describe("breaker.policy", function()
       end)
     end)
 
+    it("answers with the fallback value when the fallback function raises", function()
+      local fb = { fn = function() error("broke") end, value = "static" }
+      local p = P{ fallback = fb }
+      assert.equal("static", p:call(function() return nil, "boom" end))
+      assert.equal("value", p.last.fallback)
+      assert.matches("broke", p.last.fallback_error)
+    end)
+
     describe("bulkhead", function()
       it("rejects a call beyond max_concurrent without running it, and frees its breaker permit", function()
         local b = breaker.new(bname(), { consecutive_failures = 1 })
@@ -514,6 +522,58 @@ describe("breaker.policy", function()
         assert.same({ "a-in", "a-out", "b-in" }, order)
         assert.equal("b", results.b[1])
         assert.is_true(results.b_wait > 0 and results.b_wait < 1)
+      end)
+
+      it("takes back the slots of calls that never came back", function()
+        if not rawget(_G, "jit") then
+          pending("plain Lua 5.1 cannot yield across pcall")
+          return
+        end
+        -- a call left suspended forever (a killed light thread, a request
+        -- ended elsewhere), and one whose coroutine died holding its slot
+        local p = P{ bulkhead = 2 }
+        local left = coroutine.create(function() return p:call(function() coroutine.yield() end) end)
+        coroutine.resume(left)
+        local bh = p.bulkhead
+        local died = coroutine.create(function() bh:try_acquire() end)
+        coroutine.resume(died)
+        assert.equal(2, bh:in_flight())
+        -- the dead coroutine's slot comes back at once
+        assert.equal("ok", p:call(function() return "ok" end))
+        assert.equal(1, bh:in_flight())
+        local inner
+        p:call(function() inner = { p:call(function() return 1 end) } end)
+        assert.equal("bulkhead_full", inner[2].kind) -- the suspended one still holds its slot
+        left = nil -- luacheck: ignore 311
+        collectgarbage()
+        collectgarbage()
+        -- its slot comes back when the bulkhead is next found full
+        p:call(function() inner = { p:call(function() return 1 end) } end)
+        assert.equal(1, inner[1])
+        assert.equal(0, bh:in_flight())
+      end)
+
+      it("gives the slot and the permit back when a wait raises", function()
+        -- bngx.sleep raises in phases that cannot yield (log, header_filter)
+        local b = breaker.new(bname(), { half_open_calls = 1, consecutive_failures = 1 })
+        local p = P{ breaker = b, bulkhead = 2, rate_limit = { rate = 1, burst = 1, max_wait = 1000 },
+                     sleep = function() error("API disabled in the context of log_by_lua*", 0) end }
+        local t = transport{ { status = 200 } }
+        assert.equal(200, p:request(t, { url = "u" }).status)
+        for _ = 1, 3 do
+          local ok, err = pcall(p.request, p, t, { url = "u" })
+          assert.is_false(ok)
+          assert.matches("API disabled", err)
+          ok = pcall(p.call, p, function() return 1 end)
+          assert.is_false(ok)
+        end
+        assert.equal(0, p.bulkhead:in_flight())
+        assert.equal(0, p.bulkhead.waiters)
+        -- no permit was left unrecorded: a half-open breaker still has its probe
+        b:force_open(); b:reset()
+        assert.equal("closed", b:state())
+        local st = b:stats()
+        assert.equal(st.calls, st.successes + st.failures + st.ignored)
       end)
 
       it("rejects after waiting max_wait", function()
@@ -596,6 +656,83 @@ describe("breaker.policy", function()
       assert.equal(30, req.timeout)
       assert.equal(10, t.seen[1].timeout)
       assert.same({ 1, "success" }, { p.last.attempts, p.last.outcome })
+    end)
+
+    it("never lengthens the transport's own timeout with a deadline", function()
+      local t = transport{ { status = 200 } }
+      function t.default_timeout() return 0.5 end
+      local p = P{ retry = {}, deadline = 10 }
+      assert(p:request(t, { url = "u" }))
+      assert.equal(0.5, t.seen[1].timeout)
+      function t.default_timeout() return 60 end
+      assert(p:request(t, { url = "u" }))
+      assert.equal(10, t.seen[2].timeout)
+      function t.default_timeout() return nil end -- none: the time left
+      assert(p:request(t, { url = "u" }))
+      assert.equal(10, t.seen[3].timeout)
+    end)
+
+    it("returns the error when a status override meets a transport error", function()
+      -- { [200] = "success" } used to make a reset after a 200 status line
+      -- a success with no response: nil, nil
+      local b = breaker.new(bname(), {})
+      local t = transport{ { err = errors.new("reset", "Connection reset", { status = 200 }) } }
+      local p = P{ breaker = b, classify = { statuses = { [200] = "success" } } }
+      local res, err = p:request(t, { url = "u" })
+      assert.is_nil(res)
+      assert.same({ "reset", 1 }, { err.kind, err.attempts })
+      assert.equal(1, b:stats().failures)
+      -- a user classifier that calls any error a success still gets nil, err
+      p = P{ classify = function() return { outcome = "success" } end }
+      res, err = p:request(t, { url = "u" })
+      assert.is_nil(res)
+      assert.equal("reset", err.kind)
+    end)
+
+    it("records the permit when a user classifier raises", function()
+      local b = breaker.new(bname(), { consecutive_failures = 1, half_open_calls = 1, open_duration = 1 })
+      local p = P{ breaker = b, classify = function(res) if res.status == 500 then error("bad classifier") end end }
+      local t = transport{ { status = 503 }, { status = 500 }, { status = 200 } }
+      assert.is_nil(p:request(t, { url = "u" }))
+      assert.equal("open", b:state())
+      clock.advance(1)
+      assert.has_error(function() p:request(t, { url = "u" }) end, "bad classifier")
+      -- the probe's permit came back (recorded as ignored): the next call probes
+      assert.equal(200, p:request(t, { url = "u" }).status)
+      assert.equal("closed", b:state())
+    end)
+
+    it("gives the upstream's error when the rate limiter refuses a retry", function()
+      local p = P{ retry = { max_attempts = 3, base = 0.1, jitter = "none" }, rate_limit = { rate = 1 } }
+      local t = transport{ { status = 503 }, { status = 200 } }
+      local res, err = p:request(t, { url = "u" })
+      assert.is_nil(res)
+      assert.same({ "http_status", 503, 1 }, { err.kind, err.status, err.attempts })
+      assert.same({ "rejected", "rejected" }, { p.last.outcome, p.last.stop })
+      assert.equal(1, t.calls)
+    end)
+
+    it("lets the retry after a 429 through the limiter that the 429 paused", function()
+      -- ngx.sleep cuts to whole milliseconds: a retry that woke a fraction
+      -- before the pause's end was refused by the policy's own limiter
+      local p = P{ retry = { max_attempts = 3 }, rate_limit = { rate = 100 },
+                   sleep = function(s) sleeps[#sleeps + 1] = s; clock.advance(math.floor(s * 1000) / 1000) end }
+      local t = transport{ { status = 429, headers = { ["retry-after-ms"] = "1500.5" } }, { status = 200 } }
+      assert.equal(200, p:request(t, { url = "u" }).status)
+      assert.equal(2, t.calls)
+    end)
+
+    it("holds a breaker and the limiter at most an hour for a huge Retry-After", function()
+      local b = breaker.new(bname(), { consecutive_failures = 1, open_duration = 5, open_duration_max = 60 })
+      local p = P{ breaker = b, rate_limit = { rate = 10 } }
+      local t = transport{ { status = 429, headers = { ["retry-after"] = "2147483647" } }, { status = 200 } }
+      local _, err = p:request(t, { url = "u" })
+      assert.equal(2147483647, err.retry_after) -- the server's value is reported as it came
+      assert.equal("open", b:state())
+      local _, rerr = b:allow()
+      assert.near(3600, rerr.retry_after, 1e-6)
+      clock.advance(3600)
+      assert.equal(200, p:request(t, { url = "u" }).status)
     end)
 
     it("retries 5xx with backoff and returns the first success", function()
@@ -884,6 +1021,18 @@ describe("breaker.policy", function()
       local function sl(s) waits[#waits + 1] = s end
       for _ = 1, 4 do assert.is_true(rl:acquire(0, nil, sl)) end
       assert.same({ 1, 2, 3 }, waits)
+    end)
+
+    it("redacts API keys written as JSON, headers or parameters", function()
+      for input, want in pairs{
+        ['{"error":{"message":"bad","api_key":"abcd1234secret"}}'] =
+          '{"error":{"message":"bad","api_key":"[redacted]"}}',
+        ['{"x-api-key": "abcd1234secret"}'] = '{"x-api-key": "[redacted]"}',
+        ["api-key: abcd1234secret"] = "api-key: [redacted]",
+        ["?api_key=abcd1234secret&x=1"] = "?api_key=[redacted]&x=1",
+      } do
+        assert.equal(want, errors.redact(input))
+      end
     end)
 
     it("bulkhead acquire/release count calls in flight", function()

@@ -377,6 +377,19 @@ static int l_new(lua_State *L)
 	return 1;
 }
 
+/* t:default_timeout() -> the seconds a request without its own `timeout`
+ * may take, or nil for none. A policy's deadline cuts it, never lengthens
+ * it. Works on a closed transport too (it only reads the option). */
+static int l_default_timeout(lua_State *L)
+{
+	transport *t = luaL_checkudata(L, 1, TRANSPORT_MT);
+	if (t->timeout_ms > 0)
+		lua_pushnumber(L, (double)t->timeout_ms / 1000.0);
+	else
+		lua_pushnil(L);
+	return 1;
+}
+
 /* t:close(): frees the connections and handles; also __gc. Idempotent.
  * Raises when called from an on_chunk callback of the same transport. */
 static int l_close(lua_State *L)
@@ -1002,6 +1015,7 @@ static int l_parse_retry_after_ms(lua_State *L)
 
 static const luaL_Reg transport_methods[] = {
 	{ "request_many", l_request_many },
+	{ "default_timeout", l_default_timeout },
 	{ "close", l_close },
 	{ NULL, NULL }
 };

@@ -357,7 +357,8 @@ function _M.new(opts, where)
     if te == "table" then
       if err.status and type(err.status) == "number" then
         local v = by_response(err.response or { status = err.status, headers = err.headers })
-        if v ~= SUCCESS then
+        -- (not `v ~= SUCCESS`: an override of a status makes its own table)
+        if v.outcome ~= "success" then
           if v.retry_after == nil then v.retry_after = err.retry_after end
           v.message = v.message or err.message
           if err.kind and v.kind == "http_status" then v.kind = err.kind end

@@ -600,6 +600,14 @@ function T:request_many(list)
   return out
 end
 
+-- t:default_timeout() -> the seconds a request without its own `timeout`
+-- may take (nil for none): a policy's deadline cuts it, never lengthens it.
+function T.default_timeout(self)
+  local to = self.opts.timeout
+  if to == huge then return nil end
+  return to
+end
+
 -- Connections are nginx's (per worker, kept alive in its pool): nothing to free.
 function T.close(_) end
 

@@ -52,7 +52,8 @@ function _M.redact(s)
   if type(s) ~= "string" then return s end
   s = s:gsub("([Bb]earer%s+)[%w%-%._~%+/=]+", "%1[redacted]")
   s = s:gsub("([Aa]uthorization%s*[:=]%s*)[^\r\n,;]+", "%1[redacted]")
-  s = s:gsub("([%w%-]*[Aa][Pp][Ii][%-_]?[Kk][Ee][Yy]%s*[:=]%s*)[^\r\n,;&%s]+", "%1[redacted]")
+  -- api_key: v, api-key=v, and in JSON "api_key": "v" (the value's quotes kept)
+  s = s:gsub("([%w%-]*[Aa][Pp][Ii][%-_]?[Kk][Ee][Yy][\"']?%s*[:=]%s*[\"']?)[^\r\n,;&%s\"'}]+", "%1[redacted]")
   s = s:gsub("sk%-[%w%-_]+", "sk-[redacted]")
   return s
 end

@@ -171,12 +171,14 @@ function _M.transport(opts)
   local curl = require "breaker.curl"
   local ok, t = pcall(curl.new, copts)
   if not ok then error("breaker.ngx.transport: " .. tostring(t), 2) end
+  local default_timeout = t:default_timeout()
   t:close()
   return setmetatable({
     pool = pool,
     on_chunk = mode,
     _opts = copts,
     _key = options_key(copts),
+    _default_timeout = default_timeout,
   }, tmt)
 end
 
@@ -335,6 +337,12 @@ function T:request_many(reqs)
     if out[i].err then out[i].err = rebuild_error(out[i].err) end
   end
   return out
+end
+
+-- t:default_timeout() -> breaker.curl's: the seconds a request without its
+-- own `timeout` may take, or nil for none.
+function T:default_timeout()
+  return self._default_timeout
 end
 
 -- t:close(): later requests raise. The pool threads' connections belong to

@@ -74,7 +74,17 @@ local type, pairs, tostring, pcall, error, select, setmetatable, require =
 local loadfile, setfenv, getmetatable = loadfile, setfenv, getmetatable
 local unpack = unpack or table.unpack -- luacheck: ignore 143
 local format = string.format
+local ceil = math.ceil
 local fail, check_keys = retry._fail, retry._check_keys
+
+-- The longest a server's Retry-After may hold a breaker open or pause the
+-- rate limiter (a retry never waits past retry.max_delay anyway): one hour,
+-- so that a garbage or hostile value cannot lock a policy for years.
+local SERVER_HOLD_MAX = 3600
+local function hold(retry_after)
+  if retry_after and retry_after > SERVER_HOLD_MAX then return SERVER_HOLD_MAX end
+  return retry_after
+end
 local is_error = errors.is
 
 -- ---------------------------------------------------------------------------
@@ -259,6 +269,10 @@ local function plan(self, verdict, attempt, deadline, now)
   end
   local d = self.retry:delay(attempt, verdict.retry_after)
   if not d then return nil, "max_delay" end
+  -- Whole milliseconds, rounded up: ngx.sleep cuts to them, and a retry that
+  -- woke a fraction early would find the rate limiter still paused until the
+  -- server's Retry-After and be refused by it.
+  if self.rate_limit then d = ceil(d * 1000 - 1e-9) / 1000 end
   if deadline and now + d >= deadline then return nil, "deadline" end
   local bu = self.budget
   if bu and not bu:withdraw(now) then
@@ -303,7 +317,13 @@ local function admit(self, deadline, now_t)
   end
   local rl = self.rate_limit
   if rl then
-    local ok, w = rl:acquire(waited == 0 and now_t or self.now(), deadline, self.sleep)
+    -- the wait may raise (a sleep in a phase that cannot yield): the slot
+    -- taken above goes back before the error does
+    local okr, ok, w = pcall(rl.acquire, rl, waited == 0 and now_t or self.now(), deadline, self.sleep)
+    if not okr then
+      if bh then bh:release() end
+      error(ok, 0)
+    end
     if not ok then
       if bh then bh:release() end
       return nil, w
@@ -311,6 +331,34 @@ local function admit(self, deadline, now_t)
     waited = waited + w
   end
   return waited
+end
+
+-- Admission of an attempt holding `permit`: waited, or nil, err. A raise
+-- while waiting records the permit as ignored, then goes on up; a refusal
+-- of a retry gives the previous attempt's error (the upstream's failure is
+-- why the call failed, not the local limit that stopped the retry).
+local function admit_attempt(self, permit, deadline, now_t, last_err)
+  local ok, w, aerr = pcall(admit, self, deadline, now_t)
+  if not ok then
+    if permit then self.breaker:record(permit, "ignored", 0) end
+    error(w, 0)
+  end
+  if not w then
+    if permit then self.breaker:record(permit, "ignored", 0) end
+    return nil, last_err or aerr
+  end
+  return w
+end
+
+-- The verdict on an attempt. Only a user classifier can raise: the permit
+-- is then recorded as ignored before the error goes on up, so a half-open
+-- breaker does not wait out its probe timeout for it.
+local function judge(self, permit, latency, res, err, ctx)
+  if not self.custom_classify then return self.classify(res, err, ctx) end
+  local ok, v = pcall(self.classify, res, err, ctx)
+  if ok then return v end
+  if permit then self.breaker:record(permit, "ignored", latency) end
+  error(v, 0)
 end
 
 -- ---------------------------------------------------------------------------
@@ -353,6 +401,12 @@ local function fb_done(self, rep, attempts, waited, t_start, outcome, stop, kind
     return ...
   end
   rep.fallback_error = (...)
+  local fb = self.fallback
+  if fb.has_value then -- cache, then function, then value
+    rep.fallback = "value"
+    if ev_on.fallback then fallback_event(self, "value", kind, stop, attempts) end
+    return fb.value
+  end
   return nil, err
 end
 
@@ -413,12 +467,12 @@ local function call_settle(self, rep, fn, n, a1, a2, a3, a4, attempt, deadline, 
     if not is_error(err) and type(err) ~= "table" then
       err = errors.new("error", tostring(err), { raised = true })
     end
-    verdict = self.classify(nil, err, self.call_ctx)
+    verdict = judge(self, permit, latency, nil, err, self.call_ctx)
   elseif (r1 == nil or r1 == false) and r2 ~= nil then
     err = r2
-    verdict = self.classify(nil, err, self.call_ctx)
+    verdict = judge(self, permit, latency, nil, err, self.call_ctx)
   else
-    verdict = self.classify(r1, nil, self.call_ctx)
+    verdict = judge(self, permit, latency, r1, nil, self.call_ctx)
   end
   local b = self.breaker
   local outcome = verdict.outcome
@@ -428,7 +482,7 @@ local function call_settle(self, rep, fn, n, a1, a2, a3, a4, attempt, deadline, 
     return call_success(self, rep, n, a1, a2, a3, a4, attempt, waited, t_start, t1, ...)
   end
   if permit then
-    b:record(permit, outcome, latency, outcome == "failure" and verdict.retry_after or nil)
+    b:record(permit, outcome, latency, outcome == "failure" and hold(verdict.retry_after) or nil)
   end
   if err == nil then -- a user classifier failed a result that is not an error
     err = errors.new(verdict.kind or "error", verdict.message or "classified as " .. outcome,
@@ -474,9 +528,8 @@ call_attempt = function(self, rep, fn, n, a1, a2, a3, a4, attempt, deadline, wai
     end
   end
   if self.bulkhead or self.rate_limit then
-    local w, aerr = admit(self, deadline, attempt == 1 and t_start or self.now())
+    local w, aerr = admit_attempt(self, permit, deadline, attempt == 1 and t_start or self.now(), last_err)
     if not w then
-      if permit then b:record(permit, "ignored", 0) end
       return call_final(self, rep, n, a1, a2, a3, a4, attempt - 1, waited, t_start,
                         aerr, "rejected", "rejected")
     end
@@ -580,9 +633,8 @@ local function request_attempt(self, transport, req, r, rep, ctx, attempt, deadl
     end
   end
   if bh or rl then
-    local w, aerr = admit(self, deadline, now())
+    local w, aerr = admit_attempt(self, permit, deadline, now(), last_err)
     if not w then
-      if permit then b:record(permit, "ignored", 0) end
       return request_final(self, rep, req, attempt - 1, waited, t_start, aerr, "rejected", "rejected")
     end
     waited = waited + w
@@ -596,7 +648,13 @@ local function request_attempt(self, transport, req, r, rep, ctx, attempt, deadl
       local e = last_err or errors.new("deadline", "deadline reached before the request", {})
       return request_final(self, rep, req, attempt - 1, waited, t_start, e, "rejected", "deadline")
     end
+    -- the time left caps the attempt's timeout: the request's own, else
+    -- the transport's default (a deadline never lengthens an attempt)
     local to = req.timeout
+    if to == nil then
+      local dt = transport.default_timeout
+      if dt then to = dt(transport) end
+    end
     r.timeout = (to and to < left) and to or left
   end
   local ok, res, terr = pcall(transport.request, transport, r)
@@ -608,10 +666,11 @@ local function request_attempt(self, transport, req, r, rep, ctx, attempt, deadl
   end
   if res and rl then rl:learn(res.headers, t1) end
   if ctx then ctx.attempt = attempt end
-  local v = self.classify(res, terr, ctx)
+  local v = judge(self, permit, t1 - t0, res, terr, ctx)
   local outcome = v.outcome
   local status = res and res.status
-  if outcome == "success" or (outcome == "ignored" and type(status) == "number" and status < 400) then
+  -- (a user classifier that calls an error a success still gets nil, err)
+  if res and (outcome == "success" or (outcome == "ignored" and type(status) == "number" and status < 400)) then
     if permit then b:record(permit, outcome, t1 - t0) end
     local c = self.cache
     if c and outcome == "success" then
@@ -622,9 +681,9 @@ local function request_attempt(self, transport, req, r, rep, ctx, attempt, deadl
     return res
   end
   local retry_after = v.retry_after
-  if permit then b:record(permit, outcome, t1 - t0, outcome == "failure" and retry_after or nil) end
+  if permit then b:record(permit, outcome, t1 - t0, outcome == "failure" and hold(retry_after) or nil) end
   if rl and retry_after and (status == 429 or v.kind == "rate_limited") then
-    rl:pause(t1 + retry_after, t1)
+    rl:pause(t1 + hold(retry_after), t1)
   end
   local err
   if res then
