@@ -336,6 +336,14 @@ describe("breaker.ngx in nginx", function()
       assert.is_true(s >= 0.19 and s < 1, "slept " .. s)
     end)
 
+    it("gives back the bulkhead slots of calls in killed light threads", function()
+      local app = app_with(1)
+      local r = app:json("/transport/killed_calls")
+      assert.same({ 1, 2 }, r.held)  -- each killed call still held its slot
+      assert.equal("ok", r.ok, r.err)
+      assert.equal(0, r.after)
+    end)
+
     it("refuses on_chunk by default, naming the way out", function()
       local app = app_with(1)
       local r = app:json("/transport/on_chunk_refused")

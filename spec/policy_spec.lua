@@ -531,7 +531,7 @@ describe("breaker.policy", function()
         end
         -- a call left suspended forever (a killed light thread, a request
         -- ended elsewhere), and one whose coroutine died holding its slot
-        local p = P{ bulkhead = 2 }
+        local p = P{ bulkhead = { max_concurrent = 2, reclaim = true } } -- (the default inside OpenResty)
         local left = coroutine.create(function() return p:call(function() coroutine.yield() end) end)
         coroutine.resume(left)
         local bh = p.bulkhead

@@ -16,8 +16,9 @@
 -- A slot is given back when its call returns or raises. A call that never
 -- comes back (a light thread killed with ngx.thread.kill, a request ended
 -- by ngx.exit elsewhere, a coroutine left suspended) cannot give it back:
--- each slot remembers the coroutine that took it, and a full bulkhead takes
--- back the slots of coroutines that are dead or have been collected.
+-- with `reclaim` (on by default inside OpenResty) each slot remembers the
+-- coroutine that took it, and a full bulkhead takes back the slots of
+-- coroutines that are dead or have been collected.
 
 local _M = { _VERSION = require "breaker.version" }
 local mt = { __index = _M }
@@ -30,7 +31,7 @@ local min, format = math.min, string.format
 local running, costatus = coroutine.running, coroutine.status
 local fail, check_keys, num, int = retry._fail, retry._check_keys, retry._num, retry._int
 
-local KEYS = { max_concurrent = true, max_wait = true }
+local KEYS = { max_concurrent = true, max_wait = true, reclaim = true }
 
 local function semaphore()
   local ngx = rawget(_G, "ngx")
@@ -49,15 +50,25 @@ function _M.new(opt, where)
   if type(opt) ~= "table" then fail(where, "(value)", "a number or a table", opt) end
   check_keys(opt, where, KEYS)
   if opt.max_concurrent == nil then fail(where, "max_concurrent", "an integer >= 1", nil) end
+  local track = opt.reclaim
+  if track == nil then
+    -- on inside OpenResty, where light threads get killed and requests end
+    -- under a call; elsewhere off: coroutine.running() is a call LuaJIT does
+    -- not compile, and it would cost the plain p:call path ~800 ns
+    local ngx = rawget(_G, "ngx")
+    track = type(ngx) == "table" and ngx.get_phase ~= nil
+  elseif type(track) ~= "boolean" then
+    fail(where, "reclaim", "a boolean", track)
+  end
   return setmetatable({
     max = int(opt, where, "max_concurrent", nil, 1),
     max_wait = num(opt, where, "max_wait", 0, 0),
     active = 0,
     waiters = 0,
     sema = false, -- made on first wait under OpenResty
-    -- slots held per coroutine (weak: a collected coroutine's entry goes),
-    -- and those taken by the main thread, which is never collected
-    holders = setmetatable({}, { __mode = "k" }),
+    -- with `reclaim`: slots held per coroutine (weak: a collected
+    -- coroutine's entry goes), and those of the main thread, never collected
+    holders = track and setmetatable({}, { __mode = "k" }) or false,
     main_held = 0,
   }, mt)
 end
@@ -75,31 +86,36 @@ end
 -- Takes a slot without waiting: true, or false when all are in use.
 function _M.try_acquire(self)
   local a = self.active
+  local h = self.holders
   if a >= self.max then
+    if not h then return false end
     reclaim(self)
     a = self.active
     if a >= self.max then return false end
   end
   self.active = a + 1
-  local co = running()
-  if co then
-    local h = self.holders
-    h[co] = (h[co] or 0) + 1
-  else
-    self.main_held = self.main_held + 1
+  if h then
+    local co = running()
+    if co then
+      h[co] = (h[co] or 0) + 1
+    else
+      self.main_held = self.main_held + 1
+    end
   end
   return true
 end
 
 -- Gives a slot back and wakes one waiter, if any.
 function _M.release(self)
-  local co = running()
   local h = self.holders
-  local n = co and h[co]
-  if n then
-    if n > 1 then h[co] = n - 1 else h[co] = nil end
-  elseif self.main_held > 0 then
-    self.main_held = self.main_held - 1
+  if h then
+    local co = running()
+    local n = co and h[co]
+    if n then
+      if n > 1 then h[co] = n - 1 else h[co] = nil end
+    elseif self.main_held > 0 then
+      self.main_held = self.main_held - 1
+    end
   end
   if self.active > 0 then self.active = self.active - 1 end
   if self.waiters > 0 and self.sema then self.sema:post(1) end

@@ -233,6 +233,23 @@ function cases.sleep()
   return { slept = ngx.now() - t0 }
 end
 
+-- A call that never comes back: a light thread killed while its policy
+-- call sleeps, twice, over a bulkhead of two; then a call must get a slot.
+local hedge_policy
+function cases.killed_calls()
+  hedge_policy = hedge_policy or require("breaker.ngx").policy{ bulkhead = { max_concurrent = 2 } }
+  local p = hedge_policy
+  local held = {}
+  for i = 1, 2 do
+    local th = ngx.thread.spawn(function() return p:call(function() ngx.sleep(5); return "slow" end) end)
+    ngx.sleep(0.01)
+    ngx.thread.kill(th)
+    held[i] = p.bulkhead:in_flight()
+  end
+  local ok, err = p:call(function() return "ok" end)
+  return { held = held, ok = ok, err = err and tostring(err), after = p.bulkhead:in_flight() }
+end
+
 function handlers.transport(case)
   local c = cases[case]
   if not c then return ngx.exit(404) end
