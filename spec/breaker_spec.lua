@@ -368,6 +368,28 @@ describe("breaker", function()
       assert.equal(10, b:stats().open_duration)
     end)
 
+    it("keeps an escalated duration finite and capped after very many re-opens", function()
+      -- factor^level overflows to inf after about 100 re-opens at factor 1000:
+      -- open_duration 0 must stay 0 (not 0 * inf = NaN), any other one the cap
+      for _, c in ipairs({ { od = 0, want = 0 }, { od = 1, want = 10 } }) do
+        local b = breaker.new(name(), { open_duration = c.od, open_duration_factor = 1000,
+                                        open_duration_max = 10, consecutive_failures = 1,
+                                        half_open_calls = 1 })
+        feed(b, 1, "failure")
+        for i = 1, 150 do
+          clock.advance(c.od == 0 and 0 or 10)
+          local p, err = b:allow()
+          assert.truthy(p, "re-open " .. i .. ": rejected, retry_after "
+                           .. tostring(err and err.retry_after))
+          b:record(p, "failure", 0)
+        end
+        local st = b:stats()
+        assert.equal(150, st.reopen_level)
+        assert.equal(c.want, st.open_duration)
+        assert.equal("open", b:state())
+      end
+    end)
+
     it("adds jitter within the configured fraction", function()
       local seen = {}
       for _ = 1, 40 do

@@ -551,13 +551,24 @@ static void transition(brk_t *b, int to, int reason, int64_t now)
 	__atomic_store_n(&b->gen, gen, __ATOMIC_RELEASE);
 }
 
+/* The open duration of escalation level `level`: open_duration *
+ * factor^level, capped at open_duration_max. An open_duration of 0 stays 0
+ * at every level (0 * an overflowed pow() would be NaN). Otherwise the
+ * power is in [1, inf] and the product in (0, inf], never NaN, and the cap
+ * catches inf. */
+static double escalated_duration(const brk_config *c, uint32_t level)
+{
+	double d = c->open_duration;
+	if (d > 0 && level > 0 && c->open_duration_factor > 1)
+		d *= pow(c->open_duration_factor, (double)level);
+	return d < c->open_duration_max ? d : c->open_duration_max;
+}
+
 /* Opens the breaker; level 0 is the first open after closed. */
 static void go_open(brk_t *b, int reason, double retry_after, int64_t now)
 {
 	const brk_config *c = &b->cfg;
-	double d = c->open_duration * pow(c->open_duration_factor, (double)b->reopen_level);
-	if (d > c->open_duration_max)
-		d = c->open_duration_max;
+	double d = escalated_duration(c, b->reopen_level);
 	if (c->open_duration_jitter > 0) {
 		double r = (double)(rng_next(b) >> 11) / 9007199254740992.0; /* [0,1) */
 		d *= 1 + c->open_duration_jitter * (2 * r - 1);
@@ -770,10 +781,10 @@ record_slow(brk_t *b, double permit, int outcome, double latency, double retry_a
 	case BRK_HALF_OPEN:
 		b->probe_progress = now;
 		if (failed) {
-			b->reopen_level++;
+			b->reopen_level += b->reopen_level != UINT32_MAX;
 			go_open(b, BRK_R_PROBE_FAILED, retry_after, now);
 		} else if (slow && b->cfg.slow_call_rate_threshold > 0) {
-			b->reopen_level++;
+			b->reopen_level += b->reopen_level != UINT32_MAX;
 			go_open(b, BRK_R_PROBE_SLOW, retry_after, now);
 		} else if (++b->probes_succeeded >= b->cfg.half_open_calls) {
 			go_closed(b, BRK_R_PROBES_SUCCEEDED, now);
