@@ -701,6 +701,32 @@ describe("breaker", function()
       b:reset()
       assert.same({ b.name .. ":closed>open" }, got)
     end)
+
+    it("reports a transition made while it reads the transition log", function()
+      -- Another process (a shared breaker) may make a transition between the
+      -- facade's read of the log and its read of the generation: here the
+      -- userdata's transitions() makes one right after taking its list.
+      local b = breaker.new(name(), { consecutive_failures = 1 })
+      local seen = transitions_of(b)
+      local methods = debug.getmetatable(b._ud).__index
+      local orig = methods.transitions
+      local armed = true
+      methods.transitions = function(ud, since)
+        local list = orig(ud, since)
+        if armed then
+          armed = false
+          ud:force_open()            -- the C call alone: no notice of its own
+        end
+        return list
+      end
+      local ok, err = pcall(feed, b, 1, "failure")   -- closed -> open, noticed
+      methods.transitions = orig
+      assert(ok, err)
+      b:reset()
+      local got = {}
+      for i, t in ipairs(seen) do got[i] = t.from .. ">" .. t.to end
+      assert.same({ "closed>open", "open>forced_open", "forced_open>closed" }, got)
+    end)
   end)
 
   describe("clock", function()

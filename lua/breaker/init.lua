@@ -135,9 +135,15 @@ local mt = { __index = B }
 local registry = setmetatable({}, { __mode = "v" })
 
 -- Fires the callbacks for transitions since the generation this object saw.
+-- The generation is read before the list: a transition another process
+-- makes between the two reads is either in the list or newer than what
+-- this object then records as seen, so the next notice reports it.
 local function notice(self)
-  local list = self._ud:transitions(self._gen)
-  self._gen = self._ud:generation()
+  local ud = self._ud
+  local g = ud:generation()
+  local list = ud:transitions(self._gen)
+  local last = list[#list]
+  self._gen = last and last.generation or g
   for _, t in ipairs(list) do
     local cb = self._on_change
     if cb then
