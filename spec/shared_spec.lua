@@ -103,6 +103,33 @@ describe("breaker.shared", function()
       assert.truthy(breaker.new(string.rep("m", 63), {}, { shared = r }))
     end)
 
+    it("refuses names and keys with a NUL byte instead of cutting them short", function()
+      local core = require "breaker.core"
+      local r = shared.new(uniq("nul"))
+      local api = uniq("api")
+      local a = breaker.new(api, {}, { shared = r })
+      local long = api .. "\0" .. string.rep("x", 100)   -- over 63 bytes, 'api...' in C
+      local function refused(pattern, fn, ...)
+        local ok, err = pcall(fn, ...)
+        assert.is_false(ok)
+        assert.matches(pattern, err)
+      end
+      refused("name contains a NUL byte %(byte " .. (#api + 1) .. " of " .. #long .. "%)",
+              breaker.new, long, {}, { shared = r })
+      refused("name contains a NUL byte", breaker.new, "x\0y", {})   -- private ones too
+      -- the C binding checks on its own (its callers need not be breaker.new)
+      refused("shared breaker: the name contains a NUL byte", r._r.breaker, r._r, long, {})
+      refused("shared region: the key contains a NUL byte", core.region_anon, "k\0x")
+      refused("shared region: the name contains a NUL byte", core.region_named, "n\0x")
+      refused("shared region: the name contains a NUL byte", core.region_unlink, "n\0x")
+      refused("region name contains a NUL byte", shared.new, "k\0x")
+      refused("region name contains a NUL byte", shared.open, "n\0x")
+      refused("region name contains a NUL byte", shared.unlink, "n\0x")
+      assert.same({ api }, r:names())
+      a:force_open()
+      assert.equal("forced_open", a:state())
+    end)
+
     it("refuses a window larger than a slot holds", function()
       local r = shared.new(uniq("win"), { max_window = 50 })
       local ok, err = pcall(breaker.new, uniq("w"), { window_size = 51 }, { shared = r })

@@ -51,6 +51,19 @@ static brk_t *check_breaker(lua_State *L, int idx)
 	return box->b;
 }
 
+/* String argument idx that the C side keeps as a C string (a region key or
+ * name, a breaker name in a region). One with an embedded NUL byte is
+ * refused: C would cut it short there, and "api\0..." would name "api". */
+static const char *check_cstring(lua_State *L, int idx, const char *what)
+{
+	size_t len;
+	const char *s = luaL_checklstring(L, idx, &len);
+	size_t clen = strlen(s);
+	if (clen != len)
+		luaL_error(L, "%s contains a NUL byte (byte %d of %d)", what, (int)clen + 1, (int)len);
+	return s;
+}
+
 static const char *const outcome_names[] = { "success", "failure", "ignored", NULL };
 
 static int check_outcome(lua_State *L, int idx)
@@ -527,7 +540,7 @@ static void push_region(lua_State *L, brk_region *r)
  * fork for the children to share it. */
 static int l_region_anon(lua_State *L)
 {
-	const char *key = luaL_checkstring(L, 1);
+	const char *key = check_cstring(L, 1, "shared region: the key");
 	brk_region_opts o;
 	const char *err = NULL;
 	brk_region *r;
@@ -543,7 +556,7 @@ static int l_region_anon(lua_State *L)
  * named region. */
 static int l_region_named(lua_State *L)
 {
-	const char *name = luaL_checkstring(L, 1);
+	const char *name = check_cstring(L, 1, "shared region: the name");
 	brk_region_opts o;
 	const char *err = NULL;
 	int created = 0;
@@ -563,7 +576,7 @@ static int l_region_named(lua_State *L)
 /* core.region_unlink(name) -> true | nil, err */
 static int l_region_unlink(lua_State *L)
 {
-	const char *name = luaL_checkstring(L, 1);
+	const char *name = check_cstring(L, 1, "shared region: the name");
 	if (brk_region_unlink(name) != 0) {
 		lua_pushnil(L);
 		lua_pushfstring(L, "cannot unlink shared region '%s'", name);
@@ -579,7 +592,7 @@ static int l_region_unlink(lua_State *L)
 static int r_breaker(lua_State *L)
 {
 	brk_region *r = check_region(L, 1);
-	const char *name = luaL_checkstring(L, 2);
+	const char *name = check_cstring(L, 2, "shared breaker: the name");
 	brk_config cfg;
 	char errbuf[256];
 	int created = 0;

@@ -400,6 +400,12 @@ function _M.new(name, config, opts)
   if type(name) ~= "string" or name == "" then
     error("breaker.new: expected a non-empty name string as #1", 2)
   end
+  -- A shared breaker's name is a C string in its region slot, where a NUL
+  -- would cut it short (and name another breaker); no name may hold one.
+  local nul = name:find("\0", 1, true)
+  if nul then
+    error(("breaker.new: the name contains a NUL byte (byte %d of %d)"):format(nul, #name), 2)
+  end
   if config ~= nil and type(config) ~= "table" then
     error("breaker.new: expected a config table as #2, got " .. type(config), 2)
   end

@@ -31,6 +31,12 @@ local function check_name(fn, name)
   if type(name) ~= "string" or name == "" then
     error("breaker.shared." .. fn .. ": expected a non-empty region name", 3)
   end
+  -- C keeps the name as a C string: a NUL would cut it short there.
+  local nul = name:find("\0", 1, true)
+  if nul then
+    error(("breaker.shared.%s: the region name contains a NUL byte (byte %d of %d)")
+          :format(fn, nul, #name), 3)
+  end
 end
 
 -- shared.new(key, opts) -> region. An anonymous region, made in this
