@@ -358,6 +358,38 @@ describe("breaker.shared", function()
       assert.truthy(shared.unlink(name))
     end)
 
+    it("after unlink, opening the name again joins the region other processes now share", function()
+      local name = uniq("unlinked")
+      finally(function() shared.unlink(name) end)
+      local old = assert(shared.open(name, { capacity = 4 }))
+      breaker.new(uniq("in-old"), {}, { shared = old })
+      assert.truthy(shared.unlink(name))
+      -- another process makes the name anew and puts a breaker in it
+      local out = spawn_each(1, [[
+        package.path = "lua/?.lua;lua/?/init.lua;" .. package.path
+        package.cpath = "]] .. package.cpath:gsub("\\", "\\\\"):gsub('"', '\\"') .. [[;" .. package.cpath
+        local breaker = require "breaker"
+        local r, created = assert(require("breaker.shared").open(..., { capacity = 4 }))
+        breaker.new("theirs", {}, { shared = r }):force_open()
+        print("created=" .. tostring(created))
+      ]], name)
+      assert.matches("created=true", out[1])
+      local r, created = assert(shared.open(name))
+      assert.is_false(created)
+      assert.same({ "theirs" }, r:names())
+      assert.equal("forced_open", breaker.new("theirs", {}, { shared = r }):state())
+      assert.equal(1, #old:names())        -- the old mapping is left as it was
+      -- opened again while the name is unchanged: the same region
+      assert.same({ "theirs" }, select(1, shared.open(name)):names())
+      -- unlinked and not made again elsewhere: this process makes it anew
+      assert.truthy(shared.unlink(name))
+      local r3, created3 = assert(shared.open(name, { capacity = 2 }))
+      assert.is_true(created3)
+      assert.same({}, r3:names())
+      assert.equal(2, r3:info().capacity)
+      assert.truthy(shared.unlink(name))
+    end)
+
     it("refuses a region made in another PID namespace, and says why", function()
       -- Locks name their holders by pid: across PID namespaces (containers
       -- sharing /dev/shm) a pid means another process, so the dead-holder

@@ -48,6 +48,8 @@ struct brk_region {
 	region_header *h;          /* the mapping; never unmapped */
 	size_t bytes;
 	int named;
+	int replaced;              /* named: its name now names another object */
+	uint64_t dev, ino;         /* named: the shared-memory object mapped */
 	char name[BRK_REGION_NAME_MAX + 1];
 	struct brk_region *next;   /* list of anonymous regions of this process */
 };
@@ -240,30 +242,54 @@ static brk_region *named_open_locked(const char *name, const char *path, const b
 {
 	size_t slot_bytes, total;
 	struct stat st;
-	brk_region *r;
+	brk_region *r, *cached = NULL;
 	region_header *h;
 	void *m;
-	int fd, i;
+	int fd = -1, i;
 
-	for (r = anon_list; r; r = r->next)
-		if (r->named && strcmp(r->name, name) == 0)
-			return r; /* this process has it mapped already */
-	total = layout_bytes(o, &slot_bytes);
-	fd = shm_open(path, O_RDWR | O_CREAT | O_EXCL, 0600);
-	if (fd >= 0) {
-		if (ftruncate(fd, (off_t)total) != 0) {
-			close(fd);
-			shm_unlink(path);
-			*err = "ftruncate of the shared region failed";
-			return NULL;
+	for (r = anon_list; r; r = r->next) {
+		if (r->named && !r->replaced && strcmp(r->name, name) == 0) {
+			cached = r;
+			break;
 		}
-		*created = 1;
-	} else if (errno == EEXIST) {
+	}
+	if (cached) {
+		/* This process has mapped the name before. Still the object the
+		 * name names? After shared.unlink(name) other processes make and
+		 * join a new one, and this process must join it too. */
 		fd = shm_open(path, O_RDWR, 0600);
-		if (fd < 0) {
-			*err = "shm_open of the existing region failed (permissions?)";
+		if (fd < 0 && errno != ENOENT)
+			return cached; /* cannot tell (permissions, no fds): keep it */
+		if (fd >= 0 && fstat(fd, &st) == 0 &&
+		    (uint64_t)st.st_dev == cached->dev && (uint64_t)st.st_ino == cached->ino) {
+			close(fd);
+			return cached;
+		}
+		/* Unlinked (fd < 0: make it anew below) or another object now. */
+	}
+	total = layout_bytes(o, &slot_bytes);
+	if (fd < 0) {
+		fd = shm_open(path, O_RDWR | O_CREAT | O_EXCL, 0600);
+		if (fd >= 0) {
+			if (ftruncate(fd, (off_t)total) != 0) {
+				close(fd);
+				shm_unlink(path);
+				*err = "ftruncate of the shared region failed";
+				return NULL;
+			}
+			*created = 1;
+		} else if (errno == EEXIST) {
+			fd = shm_open(path, O_RDWR, 0600);
+			if (fd < 0) {
+				*err = "shm_open of the existing region failed (permissions?)";
+				return NULL;
+			}
+		} else {
+			*err = "shm_open failed (is /dev/shm mounted and writable?)";
 			return NULL;
 		}
+	}
+	if (!*created) {
 		/* Its maker may still be sizing it: wait until it is. */
 		for (i = 0; i < 2000; i++) {
 			if (fstat(fd, &st) == 0 && st.st_size >= (off_t)REGION_HDR_BYTES)
@@ -276,8 +302,10 @@ static brk_region *named_open_locked(const char *name, const char *path, const b
 			return NULL;
 		}
 		total = (size_t)st.st_size;
-	} else {
-		*err = "shm_open failed (is /dev/shm mounted and writable?)";
+	} else if (fstat(fd, &st) != 0) {
+		close(fd);
+		shm_unlink(path);
+		*err = "fstat of the new shared region failed";
 		return NULL;
 	}
 	m = mmap(NULL, total, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
@@ -331,9 +359,15 @@ static brk_region *named_open_locked(const char *name, const char *path, const b
 	r->h = h;
 	r->bytes = total;
 	r->named = 1;
+	r->dev = (uint64_t)st.st_dev;
+	r->ino = (uint64_t)st.st_ino;
 	strcpy(r->name, name);
 	r->next = anon_list;
 	anon_list = r;
+	/* The old mapping stays (breakers may point into it), but the name
+	 * finds the new one from now on. */
+	if (cached)
+		cached->replaced = 1;
 	return r;
 }
 

@@ -40,7 +40,10 @@ void brk_region_opts_default(brk_region_opts *o);
 brk_region *brk_region_anon(const char *key, const brk_region_opts *o, const char **err);
 
 /* Opens the named region, making it if it does not exist yet. A region that
- * exists keeps its own layout; *created tells which happened. */
+ * exists keeps its own layout; *created tells which happened. A name this
+ * process mapped before gives the same mapping while the name still names
+ * that object; after brk_region_unlink it gives the current object (made
+ * anew if need be), and the old mapping stays for the breakers in it. */
 brk_region *brk_region_named(const char *name, const brk_region_opts *o, int *created,
 			     const char **err);
 

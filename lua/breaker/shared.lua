@@ -54,7 +54,8 @@ end
 -- shared.open(name, opts) -> region, created | nil, err. A named region
 -- (POSIX shared memory "/breaker.<name>"): made if absent, joined if
 -- present (then the maker's layout wins). It outlives the processes until
--- shared.unlink(name).
+-- shared.unlink(name); opened again after that, the name gives the region
+-- it names by then (made anew, or by another process), not the old one.
 function _M.open(name, opts)
   check_name("open", name)
   local ok, ud, created = pcall(core.region_named, name, opts)
