@@ -18,6 +18,22 @@ local function feed(b, n, outcome, latency)
   end
 end
 
+-- The specs-only brk_debug_count (LuaJIT's FFI; nil under plain Lua):
+-- counts n outcomes into b's window at once, as n calls would. what: 0
+-- success, 1 failure (time window only), 2 ignored, 3 rejected, 4 late.
+local debug_count
+do
+  local ok, ffi = pcall(require, "ffi")
+  if ok then
+    pcall(ffi.cdef, "int brk_debug_count(void *b, int what, uint64_t n);")
+    local lib = ffi.load(package.searchpath("breaker.core", package.cpath))
+    debug_count = function(b, what, n)
+      assert(lib.brk_debug_count(b._ud:pointer(), what, n) == 0, "brk_debug_count refused")
+    end
+  end
+end
+local it_ffi = debug_count and it or pending
+
 local function transitions_of(b)
   local seen = {}
   b:on_state_change(function(n, from, to, reason)
@@ -299,6 +315,45 @@ describe("breaker", function()
       assert.equal(1, b:stats().calls)
     end)
 
+    it_ffi("counts past 2^32 calls in the window without wrapping", function()
+      -- 32-bit totals wrapped here: calls 5 beside failures 10, a failure
+      -- rate of 200 % and a false trip
+      local b = breaker.new(name(), { window_type = "time", window_size = 86400, window_buckets = 1,
+                                      minimum_calls = 1, consecutive_failures = false })
+      debug_count(b, 0, 2^32 - 5)
+      feed(b, 10, "failure")
+      local st = b:stats()
+      assert.equal("closed", b:state())
+      assert.equal(2^32 + 5, st.calls)
+      assert.equal(10, st.failures)
+      assert.equal(2^32 - 5, st.successes)
+      assert.is_true(st.failure_rate < 1e-6)
+      assert.equal(2^32 + 5, st.total_calls)
+      -- the bucket leaves the window with all of it
+      clock.advance(86400)
+      st = b:stats()
+      assert.equal(0, st.calls)
+      assert.equal(0, st.failures)
+      feed(b, 1, "success")
+      assert.equal(1, b:stats().calls)
+    end)
+
+    it_ffi("stops a bucket's stats-only counts at 2^32 - 1, and its total with it", function()
+      local b = breaker.new(name(), cfg)
+      b:force_open()
+      debug_count(b, 3, 2^32 + 10)
+      assert.is_nil(b:allow())
+      assert.equal(2^32 - 1, b:stats().rejected)
+      clock.advance(1)                      -- another bucket counts again
+      debug_count(b, 3, 5)
+      assert.is_nil(b:allow())
+      assert.equal(2^32 + 5, b:stats().rejected)
+      clock.advance(9)                      -- the first bucket has left
+      assert.equal(6, b:stats().rejected)
+      clock.advance(1)
+      assert.equal(0, b:stats().rejected)
+    end)
+
     it("keeps rejected and ignored counts per bucket", function()
       local b = breaker.new(name(), cfg)
       feed(b, 2, "ignored")
@@ -315,6 +370,14 @@ describe("breaker", function()
   end)
 
   describe("open", function()
+    it_ffi("counts rejections past 2^32 while forced open (count window)", function()
+      local b = breaker.new(name())
+      b:force_open()
+      debug_count(b, 3, 2^32 - 1)
+      assert.is_nil(b:allow())
+      assert.equal(2^32, b:stats().rejected)
+    end)
+
     it("rejects at once with retry_after, without calling fn", function()
       local b = breaker.new(name(), { window_size = 2, minimum_calls = 2, open_duration = 30 })
       feed(b, 2, "failure")

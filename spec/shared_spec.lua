@@ -358,6 +358,21 @@ describe("breaker.shared", function()
       assert.truthy(shared.unlink(name))
     end)
 
+    it("refuses a region of another block layout (another version), and says so", function()
+      local name = uniq("layout")
+      finally(function() shared.unlink(name) end)
+      -- a ready header of layout 2 (32-bit window counts), little-endian:
+      -- magic "BRKR", layout, lock, ready
+      local f = assert(io.open("/dev/shm/breaker." .. name, "wb"))
+      f:write("RKRB", "\2\0\0\0", "\0\0\0\0", "\1\0\0\0", string.rep("\0", 65536 - 16))
+      f:close()
+      local r, err = shared.open(name)
+      assert.is_nil(r)
+      assert.matches("made by another version of breaker", err, 1, true)
+      assert.matches("not layout 3", err, 1, true)
+      assert.matches("unlink", err, 1, true)
+    end)
+
     it("after unlink, opening the name again joins the region other processes now share", function()
       local name = uniq("unlinked")
       finally(function() shared.unlink(name) end)

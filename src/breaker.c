@@ -44,10 +44,14 @@
 /* Histogram unit: 8 microseconds. */
 #define HIST_UNITS_PER_SEC 125000.0
 
+/* A time-window bucket. Which slice of time it holds follows from its
+ * slot and the head's epoch. The rule counts are 64-bit (one long bucket
+ * of a busy shared breaker can pass 2^32 calls); the stats-only counts
+ * stop at UINT32_MAX, within the bucket and so within the window. */
 typedef struct brk_bucket {
-	int64_t epoch;                  /* which bucket_ns-long slice of time */
-	uint32_t calls, failures, slow; /* calls = successes + failures */
+	uint64_t calls, failures, slow;   /* calls = successes + failures */
 	uint32_t ignored, rejected, late;
+	uint32_t pad;
 } brk_bucket;
 
 struct brk {
@@ -75,10 +79,11 @@ struct brk {
 	uint32_t reopen_level;
 
 	/* Count window: ring position, filled slots and running totals. The
-	 * time window keeps its totals here too (sum of live buckets). */
+	 * time window keeps its totals here too (sum of live buckets). 64-bit:
+	 * a time window's or a long-open count window's totals pass 2^32. */
 	uint32_t pos;
-	uint32_t w_calls, w_failures, w_slow;
-	uint32_t w_ignored, w_rejected, w_late;
+	uint64_t w_calls, w_failures, w_slow;
+	uint64_t w_ignored, w_rejected, w_late;
 
 	uint64_t transitions, opened;
 	uint64_t lock_takeovers;        /* shared: locks taken over from dead holders */
@@ -325,17 +330,10 @@ static void window_clear(brk_t *b, int64_t now)
 	b->w_calls = b->w_failures = b->w_slow = 0;
 	b->w_ignored = b->w_rejected = b->w_late = 0;
 	if (b->cfg.window_type == BRK_WINDOW_TIME) {
-		uint32_t i, n = b->cfg.window_buckets;
 		int64_t e = floor_div(now, b->bucket_ns);
-		brk_bucket *bk = buckets(b);
 		b->head_epoch = e;
 		b->head_end = (e + 1) * b->bucket_ns;
-		b->head_slot = slot_of(e, n);
-		/* Name every slot by the epoch it would hold, newest = e. */
-		for (i = 0; i < n; i++) {
-			int64_t ep = e - i;
-			bk[slot_of(ep, n)].epoch = ep;
-		}
+		b->head_slot = slot_of(e, b->cfg.window_buckets);
 	}
 }
 
@@ -355,8 +353,7 @@ static brk_bucket *time_advance(brk_t *b, int64_t now)
 		if (steps > (int64_t)n)
 			steps = n;
 		for (i = 1; i <= steps; i++) {
-			int64_t ep = e - steps + i;
-			brk_bucket *x = &bk[slot_of(ep, n)];
+			brk_bucket *x = &bk[slot_of(e - steps + i, n)];
 			b->w_calls -= x->calls;
 			b->w_failures -= x->failures;
 			b->w_slow -= x->slow;
@@ -364,7 +361,6 @@ static brk_bucket *time_advance(brk_t *b, int64_t now)
 			b->w_rejected -= x->rejected;
 			b->w_late -= x->late;
 			memset(x, 0, sizeof(*x));
-			x->epoch = ep;
 		}
 		b->head_epoch = e;
 		b->head_end = (e + 1) * b->bucket_ns;
@@ -378,8 +374,8 @@ static brk_bucket *time_advance(brk_t *b, int64_t now)
 static int window_add(brk_t *b, int failed, int slow, int64_t now)
 {
 	b->w_calls += 1;
-	b->w_failures += (uint32_t)failed;
-	b->w_slow += (uint32_t)slow;
+	b->w_failures += (uint64_t)failed;
+	b->w_slow += (uint64_t)slow;
 	if (b->cfg.window_type == BRK_WINDOW_COUNT) {
 		uint8_t *slot = &b->window[b->pos];
 		uint8_t old = *slot;
@@ -395,35 +391,32 @@ static int window_add(brk_t *b, int failed, int slow, int64_t now)
 		int64_t head = b->head_epoch;
 		brk_bucket *x = time_advance(b, now);
 		x->calls++;
-		x->failures += (uint32_t)failed;
-		x->slow += (uint32_t)slow;
+		x->failures += (uint64_t)failed;
+		x->slow += (uint64_t)slow;
 		return b->head_epoch != head;
 	}
 	return 0;
 }
 
-/* Counts a rejected, ignored or late call in the window. */
+/* Counts n rejected, ignored or late calls in the window. A time bucket's
+ * count stops at UINT32_MAX, and the window's total counts what the bucket
+ * took, so the total stays the sum of the live buckets. */
 enum side_count { SIDE_IGNORED, SIDE_REJECTED, SIDE_LATE };
 
-static void window_side(brk_t *b, enum side_count which, int64_t now)
+static void window_side(brk_t *b, enum side_count which, uint64_t n, int64_t now)
 {
-	brk_bucket *x = NULL;
-	if (b->cfg.window_type == BRK_WINDOW_TIME)
-		x = time_advance(b, now);
-	switch (which) {
-	case SIDE_IGNORED:
-		b->w_ignored++;
-		if (x) x->ignored++;
-		break;
-	case SIDE_REJECTED:
-		b->w_rejected++;
-		if (x) x->rejected++;
-		break;
-	case SIDE_LATE:
-		b->w_late++;
-		if (x) x->late++;
-		break;
+	uint64_t *total = which == SIDE_IGNORED ? &b->w_ignored :
+	                  which == SIDE_REJECTED ? &b->w_rejected : &b->w_late;
+	if (b->cfg.window_type == BRK_WINDOW_TIME) {
+		brk_bucket *x = time_advance(b, now);
+		uint32_t *c = which == SIDE_IGNORED ? &x->ignored :
+		              which == SIDE_REJECTED ? &x->rejected : &x->late;
+		uint64_t room = UINT32_MAX - *c;
+		if (n > room)
+			n = room;
+		*c += (uint32_t)n;
 	}
+	*total += n;
 }
 
 /* ======================================================================
@@ -676,7 +669,7 @@ static double permit_of(const brk_t *b, int kind)
 static double reject(brk_t *b, double wait, int64_t now)
 {
 	b->total_rejected++;
-	window_side(b, SIDE_REJECTED, now);
+	window_side(b, SIDE_REJECTED, 1, now);
 	return -(1.0 + wait);
 }
 
@@ -690,7 +683,7 @@ static double allow_nl(brk_t *b)
 		return permit_of(b, PERMIT_DISABLED);
 	case BRK_FORCED_OPEN:
 		b->total_rejected++;
-		window_side(b, SIDE_REJECTED, b->cfg.window_type == BRK_WINDOW_TIME ? now_coarse_ns() : 0);
+		window_side(b, SIDE_REJECTED, 1, b->cfg.window_type == BRK_WINDOW_TIME ? now_coarse_ns() : 0);
 		return -HUGE_VAL;
 	case BRK_OPEN:
 		now = now_coarse_ns();
@@ -713,6 +706,12 @@ static double allow_nl(brk_t *b)
 		return permit_of(b, PERMIT_PROBE);
 	}
 	return reject(b, 0, now);
+}
+
+/* n + 1, but never past UINT32_MAX (a count a long run can reach). */
+static inline uint32_t sat_inc(uint32_t n)
+{
+	return n + (n != UINT32_MAX);
 }
 
 /* Everything but the fast path of brk_record. */
@@ -746,11 +745,11 @@ record_slow(brk_t *b, double permit, int outcome, double latency, double retry_a
 	 * read the generation and the state out of order can hold such a
 	 * permit, and it must not pass for a probe. */
 	if (pgen != b->gen || (b->state == BRK_HALF_OPEN && kind != PERMIT_PROBE)) {
-		window_side(b, SIDE_LATE, now);
+		window_side(b, SIDE_LATE, 1, now);
 		return;
 	}
 	if (outcome == BRK_IGNORED) {
-		window_side(b, SIDE_IGNORED, now);
+		window_side(b, SIDE_IGNORED, 1, now);
 		if (kind == PERMIT_PROBE && b->probes_granted > 0)
 			b->probes_granted--; /* the probe told nothing: hand it back */
 		return;
@@ -764,7 +763,7 @@ record_slow(brk_t *b, double permit, int outcome, double latency, double retry_a
 	case BRK_CLOSED: {
 		int reason;
 		int dropped = window_add(b, failed, slow, now);
-		b->consec_failures = failed ? b->consec_failures + 1 : 0;
+		b->consec_failures = failed ? sat_inc(b->consec_failures) : 0;
 		/* A fast success cannot raise a rate, except by bringing the
 		 * window up to minimum_calls or as old buckets expire. */
 		if (!(failed | slow | dropped) && b->w_calls != b->cfg.minimum_calls)
@@ -776,15 +775,15 @@ record_slow(brk_t *b, double permit, int outcome, double latency, double retry_a
 	}
 	case BRK_DISABLED:
 		window_add(b, failed, slow, now);
-		b->consec_failures = failed ? b->consec_failures + 1 : 0;
+		b->consec_failures = failed ? sat_inc(b->consec_failures) : 0;
 		break;
 	case BRK_HALF_OPEN:
 		b->probe_progress = now;
 		if (failed) {
-			b->reopen_level += b->reopen_level != UINT32_MAX;
+			b->reopen_level = sat_inc(b->reopen_level);
 			go_open(b, BRK_R_PROBE_FAILED, retry_after, now);
 		} else if (slow && b->cfg.slow_call_rate_threshold > 0) {
-			b->reopen_level += b->reopen_level != UINT32_MAX;
+			b->reopen_level = sat_inc(b->reopen_level);
 			go_open(b, BRK_R_PROBE_SLOW, retry_after, now);
 		} else if (++b->probes_succeeded >= b->cfg.half_open_calls) {
 			go_closed(b, BRK_R_PROBES_SUCCEEDED, now);
@@ -806,7 +805,7 @@ fast_ok(const brk_t *b, double permit, int outcome, double latency)
 	       (uint32_t)((int64_t)permit >> 2) == b->gen &&
 	       (b->state | outcome) == 0 &&
 	       latency >= 0 && latency < b->cfg.slow_call_duration &&
-	       b->w_calls != b->cfg.minimum_calls - 1;
+	       b->w_calls + 1 != b->cfg.minimum_calls;
 }
 
 /* A fast success into the count window's ring, branch-free but for one test. */
@@ -819,9 +818,9 @@ static inline __attribute__((always_inline)) void count_success(brk_t *b)
 	 * fast successes) none of these is touched, which keeps them off the
 	 * chain of loads that wait on stores. */
 	if (old != SLOT_USED) {
-		b->w_calls += (uint32_t)(~old & SLOT_USED);
-		b->w_failures -= (uint32_t)((old >> 1) & 1);
-		b->w_slow -= (uint32_t)((old >> 2) & 1);
+		b->w_calls += (uint64_t)(~old & SLOT_USED);
+		b->w_failures -= (uint64_t)((old >> 1) & 1);
+		b->w_slow -= (uint64_t)((old >> 2) & 1);
 	}
 	pos++;
 	b->pos = pos == b->cfg.window_size ? 0 : pos;
@@ -1073,7 +1072,7 @@ static void repair_nl(brk_t *b)
 {
 	uint32_t i;
 	if (b->cfg.window_type == BRK_WINDOW_COUNT) {
-		uint32_t calls = 0, failures = 0, slow = 0;
+		uint64_t calls = 0, failures = 0, slow = 0;
 		for (i = 0; i < b->cfg.window_size; i++) {
 			uint8_t v = b->window[i];
 			if (v & SLOT_USED) {
@@ -1130,6 +1129,32 @@ int brk_debug_half_record(brk_t *b)
 	if (++b->pos == b->cfg.window_size)
 		b->pos = 0;
 	return 0; /* the lock stays held */
+}
+
+int brk_debug_count(brk_t *b, int what, uint64_t n)
+{
+	int64_t now;
+	if (what < BRK_SUCCESS || what > BRK_DEBUG_LATE ||
+	    (what <= BRK_FAILURE && b->cfg.window_type != BRK_WINDOW_TIME))
+		return -1;
+	LOCK(b);
+	now = now_coarse_ns();
+	if (what <= BRK_FAILURE) {
+		brk_bucket *x = time_advance(b, now);
+		x->calls += n;
+		b->w_calls += n;
+		b->total_calls += n;
+		if (what == BRK_FAILURE) {
+			x->failures += n;
+			b->w_failures += n;
+			b->total_failures += n;
+		}
+	} else {
+		window_side(b, what == BRK_IGNORED ? SIDE_IGNORED :
+			    what == BRK_DEBUG_REJECTED ? SIDE_REJECTED : SIDE_LATE, n, now);
+	}
+	UNLOCK(b);
+	return 0;
 }
 
 double brk_allow(brk_t *b)

@@ -96,7 +96,7 @@ typedef struct brk_stats {
 	double retry_after;              /* seconds until a probe, when open */
 	uint64_t transitions;
 	uint64_t opened;                 /* times the breaker went to open */
-	uint32_t calls, successes, failures, slow, ignored, rejected, late;
+	uint64_t calls, successes, failures, slow, ignored, rejected, late;
 	double failure_rate, slow_rate;  /* percent of calls; -1 below minimum_calls */
 	uint32_t consecutive_failures;
 	uint32_t half_open_granted, half_open_succeeded;
@@ -190,6 +190,15 @@ void brk_unlock_word(uint32_t *word);
  * updating the running counts, and returns with the lock still held (the
  * caller then exits). 0, or -1 unless b is a shared count-window breaker. */
 int brk_debug_half_record(brk_t *b);
+
+/* For specs only: counts n outcomes of kind `what` in b's window at once, as
+ * n calls would, without the latency histogram and without checking the
+ * trip rules: BRK_SUCCESS or BRK_FAILURE (time window only: a count window
+ * holds at most window_size of them), BRK_IGNORED, BRK_DEBUG_REJECTED or
+ * BRK_DEBUG_LATE. 0, or -1 for a kind it cannot count. */
+#define BRK_DEBUG_REJECTED 3
+#define BRK_DEBUG_LATE 4
+int brk_debug_count(brk_t *b, int what, uint64_t n);
 
 /* ---- clock ------------------------------------------------------------- */
 

@@ -14,7 +14,11 @@
 #include <unistd.h>
 
 #define REGION_MAGIC 0x42524b52u  /* "BRKR" */
-#define REGION_LAYOUT 2u
+/* Bumped whenever the header, a slot or a breaker block changes: a region
+ * of another layout is refused (3: 64-bit window counts, 40-byte buckets). */
+#define REGION_LAYOUT 3
+#define STR_(x) #x
+#define STR(x) STR_(x)
 
 enum slot_state { SLOT_FREE = 0, SLOT_READY = 1 };
 
@@ -324,6 +328,14 @@ static brk_region *named_open_locked(const char *name, const char *path, const b
 			munmap(m, total);
 			*err = "the existing region was never initialised (its maker died?); "
 			       "remove it with breaker.shared.unlink(name)";
+			return NULL;
+		}
+		if (h->magic == REGION_MAGIC && h->layout != REGION_LAYOUT) {
+			munmap(m, total);
+			*err = "the existing region was made by another version of breaker "
+			       "(its block layout is not layout " STR(REGION_LAYOUT) "); remove it with "
+			       "breaker.shared.unlink(name) once no process uses it, or use "
+			       "another name";
 			return NULL;
 		}
 		/* Bounds first, so the size product below cannot wrap. */
