@@ -306,6 +306,30 @@ describe("breaker", function()
       assert.equal("open", b:state())
     end)
 
+    it("trips once old buckets left, whoever moved the window (stats, an ignored result)", function()
+      for _, between in ipairs({ "nothing", "stats", "ignored" }) do
+        clock.freeze(1000)
+        local b = breaker.new(name(), { window_type = "time", window_size = 10, window_buckets = 10,
+                                        minimum_calls = 5, failure_rate_threshold = 50,
+                                        consecutive_failures = false })
+        local seen = transitions_of(b)
+        feed(b, 100, "success")
+        clock.advance(5)
+        feed(b, 20, "failure")              -- 20 of 120: closed
+        assert.equal("closed", b:state())
+        clock.advance(5.5)                  -- the successes' bucket has left: 20 of 20
+        if between == "stats" then
+          assert.equal(20, b:stats().calls)
+        elseif between == "ignored" then
+          b:record(assert(b:allow()), "ignored", 0.01)
+        end
+        b:record(assert(b:allow()), "success", 0.01)
+        assert.equal("open", b:state(), "with " .. between .. " in between")
+        assert.equal("failure_rate", seen[1].reason)
+        b:close()
+      end
+    end)
+
     it("clears everything after a long gap", function()
       local b = breaker.new(name(), cfg)
       feed(b, 3, "failure")

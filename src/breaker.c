@@ -91,6 +91,11 @@ struct brk {
 	uint64_t rng;
 
 	uint32_t log_next;              /* total entries ever written */
+	/* Time window: buckets holding calls left the window since the trip
+	 * rules last ran, so the rates may have moved. Set by time_advance
+	 * (whoever moves the head: a record, stats, a rejection), cleared
+	 * when record_slow runs the rules; the fast path declines while set. */
+	uint8_t rates_dirty;
 	brk_transition log[BRK_LOG_SIZE];
 
 	uint16_t hist[BRK_HIST_BUCKETS];
@@ -329,6 +334,7 @@ static void window_clear(brk_t *b, int64_t now)
 	b->pos = 0;
 	b->w_calls = b->w_failures = b->w_slow = 0;
 	b->w_ignored = b->w_rejected = b->w_late = 0;
+	b->rates_dirty = 0;
 	if (b->cfg.window_type == BRK_WINDOW_TIME) {
 		int64_t e = floor_div(now, b->bucket_ns);
 		b->head_epoch = e;
@@ -338,7 +344,8 @@ static void window_clear(brk_t *b, int64_t now)
 }
 
 /* Time window: moves the head to now's bucket, dropping the buckets that
- * fell out of the window from the running totals. */
+ * fell out of the window from the running totals (and marking the rates
+ * dirty when a dropped bucket held calls). */
 static brk_bucket *time_advance(brk_t *b, int64_t now)
 {
 	uint32_t n = b->cfg.window_buckets;
@@ -354,6 +361,7 @@ static brk_bucket *time_advance(brk_t *b, int64_t now)
 			steps = n;
 		for (i = 1; i <= steps; i++) {
 			brk_bucket *x = &bk[slot_of(e - steps + i, n)];
+			b->rates_dirty |= x->calls != 0;
 			b->w_calls -= x->calls;
 			b->w_failures -= x->failures;
 			b->w_slow -= x->slow;
@@ -369,9 +377,9 @@ static brk_bucket *time_advance(brk_t *b, int64_t now)
 	return &bk[b->head_slot];
 }
 
-/* Adds a success/failure to the window. Returns 1 if time buckets expired
- * on the way (rates may have moved). */
-static int window_add(brk_t *b, int failed, int slow, int64_t now)
+/* Adds a success/failure to the window. Time buckets that expire on the
+ * way set rates_dirty. */
+static void window_add(brk_t *b, int failed, int slow, int64_t now)
 {
 	b->w_calls += 1;
 	b->w_failures += (uint64_t)failed;
@@ -388,14 +396,11 @@ static int window_add(brk_t *b, int failed, int slow, int64_t now)
 		if (++b->pos == b->cfg.window_size)
 			b->pos = 0;
 	} else {
-		int64_t head = b->head_epoch;
 		brk_bucket *x = time_advance(b, now);
 		x->calls++;
 		x->failures += (uint64_t)failed;
 		x->slow += (uint64_t)slow;
-		return b->head_epoch != head;
 	}
-	return 0;
 }
 
 /* Counts n rejected, ignored or late calls in the window. A time bucket's
@@ -762,12 +767,14 @@ record_slow(brk_t *b, double permit, int outcome, double latency, double retry_a
 	switch (b->state) {
 	case BRK_CLOSED: {
 		int reason;
-		int dropped = window_add(b, failed, slow, now);
+		window_add(b, failed, slow, now);
 		b->consec_failures = failed ? sat_inc(b->consec_failures) : 0;
 		/* A fast success cannot raise a rate, except by bringing the
-		 * window up to minimum_calls or as old buckets expire. */
-		if (!(failed | slow | dropped) && b->w_calls != b->cfg.minimum_calls)
+		 * window up to minimum_calls or after old buckets expired (in
+		 * this call or since the rules last ran: rates_dirty). */
+		if (!(failed | slow | b->rates_dirty) && b->w_calls != b->cfg.minimum_calls)
 			break;
+		b->rates_dirty = 0;
 		reason = trip_reason(b);
 		if (reason != BRK_R_NONE)
 			go_open(b, reason, retry_after, have_now ? now : now_coarse_ns());
@@ -797,7 +804,8 @@ record_slow(brk_t *b, double permit, int outcome, double latency, double retry_a
 /* Whether a result takes brk_record's fast path, the common case: a fast
  * success under a current closed permit. No rule is checked on that path: a
  * fast success cannot raise a rate unless it brings the window up to
- * minimum_calls (or old time buckets expire), both left to record_slow. */
+ * minimum_calls or old time buckets have expired (record_fast's time
+ * branch checks rates_dirty and the head bucket), both left to record_slow. */
 static inline __attribute__((always_inline)) int
 fast_ok(const brk_t *b, double permit, int outcome, double latency)
 {
@@ -843,8 +851,10 @@ static int record_fast(brk_t *b, double permit, int outcome, double latency)
 		count_success(b);
 	} else {
 		/* Time window: only while the head bucket is current, so no
-		 * bucket expires here. */
-		if (now_coarse_ns() >= b->head_end)
+		 * bucket expires here, and while no expiry since the rules
+		 * last ran (stats, a rejection, an ignored or late result move
+		 * the head too) has left the rates unchecked. */
+		if (b->rates_dirty || now_coarse_ns() >= b->head_end)
 			return 0;
 		buckets(b)[b->head_slot].calls++;
 		b->w_calls++;
@@ -1101,6 +1111,7 @@ static void repair_nl(brk_t *b)
 		}
 		if (b->head_slot >= n)
 			b->head_slot = slot_of(b->head_epoch, n);
+		b->rates_dirty = 1; /* the totals were rebuilt: check the rules again */
 	}
 	if (b->probes_granted > b->cfg.half_open_calls)
 		b->probes_granted = b->cfg.half_open_calls;
