@@ -762,6 +762,24 @@ describe("breaker", function()
       assert.equal(7, b:stats().time_in_state)
     end)
 
+    it("halves the latency histogram whenever it holds 16384 samples, however spread", function()
+      local b = breaker.new(name(), { slow_call_duration = 1000, failure_rate_threshold = false,
+                                      consecutive_failures = false })
+      local lat = {}
+      for i = 0, 15 do lat[i] = 0.5 * 2 ^ (i / 4) end   -- 16 buckets, 0.5 s .. 6 s
+      for i = 1, 40000 do b:record(b:allow(), "success", lat[i % 16]) end
+      -- no bucket ever held 16384 (about 2500 each), yet it halved
+      local l = b:stats().latency
+      assert.is_true(l.samples >= 8000 and l.samples < 16384, "samples " .. l.samples)
+      -- so the recent calls outweigh the old ones
+      for _ = 1, 16000 do b:record(b:allow(), "success", 0.010) end
+      l = b:stats().latency
+      assert.is_true(l.samples >= 8000 and l.samples < 16384, "samples " .. l.samples)
+      assert.is_true(math.abs(l.p50 - 0.010) < 0.002, "p50 " .. l.p50)
+      -- a histogram that halved on a full bucket would have stayed on the
+      -- old spread: 16000 of 56000 samples
+    end)
+
     it("keeps a breaker under 1 KiB with the default windows", function()
       assert.is_true(breaker.new(name()):stats().memory <= 1024)
       assert.is_true(breaker.new(name(), { window_type = "time" }):stats().memory <= 1024)

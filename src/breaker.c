@@ -37,9 +37,10 @@
 #define PERMIT_PROBE 2
 #define PERMIT_DISABLED 3
 
-/* The histogram halves every bucket once one bucket holds this many
- * samples, so the percentiles follow recent calls (about the last 16-32
- * thousand when latencies cluster) and a uint16 bucket never overflows. */
+/* The histogram halves every bucket once it holds this many samples in
+ * all (hist_n), so it holds 8-16 thousand and the percentiles follow
+ * roughly the last 8-16 thousand calls whatever their spread; no uint16
+ * bucket can pass 16384. */
 #define HIST_DECAY 16384u
 /* Histogram unit: 8 microseconds. */
 #define HIST_UNITS_PER_SEC 125000.0
@@ -96,6 +97,7 @@ struct brk {
 	 * (whoever moves the head: a record, stats, a rejection), cleared
 	 * when record_slow runs the rules; the fast path declines while set. */
 	uint8_t rates_dirty;
+	uint16_t hist_n;                /* samples in hist, < HIST_DECAY */
 	brk_transition log[BRK_LOG_SIZE];
 
 	uint16_t hist[BRK_HIST_BUCKETS];
@@ -456,17 +458,22 @@ static void hist_bounds(int idx, double *lo, double *hi)
 	}
 }
 
+/* Halves every bucket (rounding down) and counts what is left. */
 static __attribute__((noinline, cold)) void hist_decay(brk_t *b)
 {
+	uint32_t t = 0;
 	int i;
-	for (i = 0; i < BRK_HIST_BUCKETS; i++)
+	for (i = 0; i < BRK_HIST_BUCKETS; i++) {
 		b->hist[i] = (uint16_t)(b->hist[i] / 2);
+		t += b->hist[i];
+	}
+	b->hist_n = (uint16_t)t;
 }
 
 static inline void hist_add(brk_t *b, double latency)
 {
-	int i = hist_index(latency);
-	if (++b->hist[i] >= HIST_DECAY)
+	b->hist[hist_index(latency)]++;
+	if (++b->hist_n >= HIST_DECAY)
 		hist_decay(b);
 }
 
@@ -1113,6 +1120,14 @@ static void repair_nl(brk_t *b)
 			b->head_slot = slot_of(b->head_epoch, n);
 		b->rates_dirty = 1; /* the totals were rebuilt: check the rules again */
 	}
+	{
+		/* hist_n may lag its buckets by the one sample a dead holder
+		 * added: count it again (and halve if that makes it due). */
+		uint32_t t = hist_total(b);
+		b->hist_n = (uint16_t)(t < HIST_DECAY ? t : HIST_DECAY - 1);
+		if (t >= HIST_DECAY)
+			hist_decay(b);
+	}
 	if (b->probes_granted > b->cfg.half_open_calls)
 		b->probes_granted = b->cfg.half_open_calls;
 	if (b->probes_succeeded > b->probes_granted)
@@ -1187,8 +1202,9 @@ double brk_allow(brk_t *b)
 }
 
 /* The fast path of a count-window breaker as a leaf: it calls nothing (not
- * even the histogram's decay: when a bucket is due to halve it declines
- * before changing anything), so brk_record needs no stack frame for it. */
+ * even the histogram's decay: when the histogram is due to halve it
+ * declines before changing anything), so brk_record needs no stack frame
+ * for it. */
 static inline __attribute__((always_inline)) int
 record_fast_count(brk_t *b, double permit, int outcome, double latency)
 {
@@ -1196,11 +1212,12 @@ record_fast_count(brk_t *b, double permit, int outcome, double latency)
 	if (!fast_ok(b, permit, outcome, latency))
 		return 0;
 	h = hist_index(latency);
-	if (b->hist[h] + 1u >= HIST_DECAY)
+	if (b->hist_n + 1u >= HIST_DECAY)
 		return 0;
 	count_success(b);
 	success_counts(b);
 	b->hist[h]++;
+	b->hist_n++;
 	return 1;
 }
 
