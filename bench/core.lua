@@ -126,5 +126,6 @@ local mdef = breaker.new("bench-mem", {}):stats().memory
 local mt = breaker.new("bench-mem-t", { window_type = "time" }):stats().memory
 print(string.format("  memory per breaker: %d bytes default count window (20 outcomes), %d bytes with "
   .. "100 outcomes, %d bytes default time window (10 buckets)  (target <= 1024)", mdef, mc, mt))
+local per_bucket = breaker.new("bench-mem-t11", { window_type = "time", window_buckets = 11 }):stats().memory - mt
 print("    of which: latency histogram 192 bytes (96 x uint16), transition log 128 bytes,"
-  .. " count window 1 byte/outcome, time window 32 bytes/bucket")
+  .. " count window 1 byte/outcome, time window " .. per_bucket .. " bytes/bucket")
