@@ -75,6 +75,33 @@ describe("breaker.llm", function()
     }
   end
 
+  -- A transport that plays `steps` instead of calling a server, for answers
+  -- whose exact bytes matter: step n (the last one repeats) is
+  -- function(req, n) -> status, body [, headers] or nil, err. A body that
+  -- is a list of pieces goes to the request's on_chunk one by one, as
+  -- breaker.curl streams a 2xx body; a string is answered whole. `log`
+  -- (optional) gets the model of every request.
+  local function scripted(steps, log)
+    local n = 0
+    return {
+      request = function(_, req)
+        n = n + 1
+        if log then log[#log + 1] = cjson.decode(req.body).model end
+        local status, body, headers = (steps[n] or steps[#steps])(req, n)
+        if status == nil then return nil, body end
+        if type(body) == "table" then
+          for _, piece in ipairs(body) do
+            if req.on_chunk(piece) == false then
+              return nil, require("breaker.error").new("aborted", "transfer aborted by on_chunk")
+            end
+          end
+          return { status = status, headers = headers or {}, body = "", streamed = true }
+        end
+        return { status = status, headers = headers or { ["content-type"] = "application/json" }, body = body }
+      end,
+    }
+  end
+
   setup(function()
     up = helper.upstream.start{ workers = 1, api_key = KEY }
   end)
@@ -776,6 +803,38 @@ describe("breaker.llm", function()
       keep(c.last)
       keep(c:stats())
       keep(tostring(c))
+    end)
+
+    it("is scrubbed from the error a breaker rejection wraps, and from client.last", function()
+      local c
+      -- another worker trips the breaker while this call backs off
+      c = client{ policy = { retry = { max_attempts = 3, base = 0.01, cap = 0.02 },
+                             sleep = function() c:breaker("gpt-fake"):force_open() end } }
+      up:scenario{ { fault = "503", echo_key = 1, times = 3 } }
+      local res, err = c:chat{ messages = user("x") }
+      keep(err)
+      keep(c.last)
+      assert.is_nil(res)
+      assert.equal("breaker_open", err.kind)
+      local cause = err.cause
+      assert.equal(503, cause.status)
+      assert.matches("overloaded, please try again later.: [redacted]", cause.message, 1, true)
+      assert.matches("[redacted]", cause.response.body, 1, true)
+      assert.is_nil(cause.response.body:find(KEY, 1, true))
+      assert.equal(cause, c.last.error.cause)
+      assert.equal(1, up:stats().requests)
+    end)
+
+    it("is scrubbed from the headers of the response an error holds", function()
+      local body = '{"error":{"message":"overloaded","type":"server_error"}}'
+      local c = client{ policy = false, transport = scripted{ function()
+        return 503, body, { ["x-debug-key"] = KEY, ["x-list"] = { "a", "key=" .. KEY } }
+      end } }
+      local _, err = c:chat{ messages = user("x") }
+      keep(err)
+      assert.equal(503, err.status)
+      assert.equal("[redacted]", err.response.headers["x-debug-key"])
+      assert.same({ "a", "key=[redacted]" }, err.response.headers["x-list"])
     end)
 
     it("never appears in any error, report or stats these specs produced", function()

@@ -475,8 +475,61 @@ end
 -- Errors
 ---------------------------------------------------------------------------
 
+-- A copy of the headers `h` with the key scrubbed from their values, or
+-- nil when none holds it.
+local function scrub_headers(h, key)
+  local out
+  for name, v in pairs(h) do
+    local nv = v
+    if type(v) == "string" then
+      if find(v, key, 1, true) then nv = scrub(v, key) end
+    elseif type(v) == "table" then   -- a repeated header
+      for i, x in ipairs(v) do
+        if type(x) == "string" and find(x, key, 1, true) then
+          if nv == v then nv = copy(v) end
+          nv[i] = scrub(x, key)
+        end
+      end
+    end
+    if nv ~= v then
+      out = out or copy(h)
+      out[name] = nv
+    end
+  end
+  return out
+end
+
+-- Scrubs the key out of `err` in place: every string field, the body and
+-- header values of its response (replaced by a scrubbed copy), and so on
+-- down the errors it wraps (`cause`: the failure before a breaker
+-- rejection, ...), at most `depth` levels.
+local function scrub_error(err, key, depth)
+  local res = rawget(err, "response")
+  if key and type(res) == "table" then
+    local r
+    if type(res.body) == "string" and find(res.body, key, 1, true) then
+      r = copy(res)
+      r.body = scrub(res.body, key)
+    end
+    local h = type(res.headers) == "table" and scrub_headers(res.headers, key)
+    if h then
+      r = r or copy(res)
+      r.headers = h
+    end
+    if r then err.response = r end
+  end
+  for k, v in pairs(err) do
+    if type(v) == "string" then
+      err[k] = scrub(v, key)
+    elseif k == "cause" and type(v) == "table" and depth > 1 then
+      scrub_error(v, key, depth - 1)
+    end
+  end
+end
+
 -- The error the caller sees: provider fields lifted, the key scrubbed from
--- every string, the last response's body scrubbed too.
+-- every string, from the last response's body and headers, and from the
+-- errors it wraps.
 local function finish_error(self, err, model)
   local key = self._secret.key
   if not is_error(err) then
@@ -487,15 +540,8 @@ local function finish_error(self, err, model)
     local doc = decode(res.body)
     local e = type(doc) == "table" and doc.error
     if type(e) == "table" and type(e.param) == "string" then err.param = e.param end
-    if key and find(res.body, key, 1, true) then
-      local r = copy(res)
-      r.body = scrub(res.body, key)
-      err.response = r
-    end
   end
-  for k, v in pairs(err) do
-    if type(v) == "string" then err[k] = scrub(v, key) end
-  end
+  scrub_error(err, key, 4)
   if err.code == "context_length_exceeded" then err.kind = "context_length" end
   if model and err.model == nil then err.model = model end
   return err
