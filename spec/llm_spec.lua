@@ -723,6 +723,23 @@ describe("breaker.llm", function()
       assert.is_nil(res)
       assert.same({ "text-embedding-fake" }, log)
     end)
+
+    it("does not go to long_context_models on context_length_exceeded either", function()
+      local log = {}
+      local too_long = '{"error":{"message":"This model\'s maximum context length is 8192 tokens.",' ..
+                       '"type":"invalid_request_error","param":"input","code":"context_length_exceeded"}}'
+      local c = client{ embedding_model = "text-embedding-fake", long_context_models = { "gpt-fake" },
+                        transport = scripted({ function() return 400, too_long end,
+                                               function() return 200, '{"object":"list","data":[]}' end }, log) }
+      local res, err = c:embeddings{ input = "a long text" }
+      keep(err)
+      assert.is_nil(res)
+      assert.same({ "text-embedding-fake" }, log)
+      assert.equal("context_length", err.kind)
+      assert.equal("input", err.param)
+      assert.equal(0, c:stats().context_routed)
+      assert.is_nil(c.last.routed)
+    end)
   end)
 
   describe("fallback answers", function()

@@ -22,10 +22,11 @@
 -- for availability reasons (429, 5xx, timeouts, connection errors, a broken
 -- body, model_not_found); caller errors (400, 401, 403, ...) come back at once.
 -- A `context_length_exceeded` answer moves on to `long_context_models` (or
--- else the rest of the chain) and is not a failure for any breaker. When every
--- model failed, the fallback answers: the last good answer to an identical
--- request (cache), else `fallback.fn(err, req)`, else the static
--- `fallback.value`. The fallback never calls the API.
+-- else the rest of the chain) and is not a failure for any breaker.
+-- Embeddings never change model, whatever the error. When every model
+-- failed, the fallback answers: the last good answer to an identical request
+-- (cache), else `fallback.fn(err, req)`, else the static `fallback.value`.
+-- The fallback never calls the API.
 --
 -- Default policy (per model; `policy` replaces it section by section):
 --   retry      3 attempts, backoff 0.5 s .. 8 s with full jitter, the server's
@@ -953,8 +954,9 @@ local function try_model(self, op, req, model, hreq, st, rep, r_model, r_stream,
 end
 
 -- After a failed try: the list of models to go on with, or nil to stop.
-local function go_on(self, st, rep, err, list)
+local function go_on(self, op, st, rep, err, list)
   if st and st.delivered then return nil end -- text went out: never start over
+  if op == "embeddings" then return nil end  -- vectors of other models do not mix
   if type(err) == "table" and err.code == "context_length_exceeded" then
     self._totals.context_routed = self._totals.context_routed + 1
     rep.routed = "context_length"
@@ -1002,7 +1004,7 @@ local function run(self, op, req, on_delta)
   local last_model = model
   if not doc then
     local restart
-    list, restart = go_on(self, st, rep, err, list)
+    list, restart = go_on(self, op, st, rep, err, list)
     local pos, tried = restart and 1 or 2, nil
     while list do
       model = list[pos]
@@ -1017,7 +1019,7 @@ local function run(self, op, req, on_delta)
         doc, err = try_model(self, op, req, model, hreq, st, rep, r_model, r_stream, r_timeout, r_on_delta)
         last_model = model
         if doc then break end
-        list, restart = go_on(self, st, rep, err, list)
+        list, restart = go_on(self, op, st, rep, err, list)
         if restart then pos = 1 end
       end
     end
@@ -1103,8 +1105,8 @@ end
 
 -- client:embeddings{ input, model, ... } -> the provider's embedding list
 -- (decoded JSON), a cached answer, or nil, err. Uses `embedding_model`
--- (else `model`) when the request names none; no model fallback (vectors of
--- different models do not mix).
+-- (else `model`) when the request names none; no model fallback, not even
+-- to long_context_models (vectors of different models do not mix).
 function _M.embeddings(self, req)
   check_request("embeddings", req, "input")
   return run(self, "embeddings", req)
