@@ -540,6 +540,80 @@ describe("breaker.llm", function()
       assert.is_nil(err.partial)
     end)
 
+    it("an error event before the first token is retried, then goes to the next model", function()
+      local log = {}
+      local c = client{ fallback_models = { "gpt-fake-mini" }, transport = recording_transport(log) }
+      up:scenario{ { fault = "stream_error", times = 3 } }  -- role chunk, then a server_error event
+      local parts, on_delta = collector()
+      local res, err = c:chat_stream{ messages = user("after the event"), on_delta = on_delta }
+      assert.is_nil(err)
+      assert.same({ "gpt-fake", "gpt-fake", "gpt-fake", "gpt-fake-mini" }, log)
+      assert.same({ "after ", "the ", "event" }, parts)
+      assert.equal("after the event", res.choices[1].message.content)
+      assert.equal("gpt-fake-mini", c.last.model)
+      assert.equal(3, c:breaker("gpt-fake"):stats().failures)
+      -- every model failing so: kind server_error, the provider's type, no code (JSON null)
+      up:scenario{ { fault = "stream_error", times = 6 } }
+      res, err = c:chat_stream{ messages = user("x"), on_delta = on_delta }
+      keep(err)
+      assert.is_nil(res)
+      assert.equal("server_error", err.kind)
+      assert.equal("server_error", err.type)
+      assert.is_nil(err.code)
+      assert.is_nil(err.status)
+      assert.is_nil(err.partial)
+      assert.equal(3, err.attempts)
+      assert.equal(2, err.models)
+      assert.matches("The server had an error", err.message, 1, true)
+    end)
+
+    it("an error event's type and code decide: rate limit, caller error, context length", function()
+      local log = {}
+      local c = client{ fallback_models = { "gpt-fake-mini" }, long_context_models = { "gpt-fake-mini" },
+                        transport = recording_transport(log) }
+      local _, on_delta = collector()
+      -- a rate limit: retried, not a breaker failure
+      up:scenario{ { fault = "stream_error", error_type = "requests", error_code = "rate_limit_exceeded" } }
+      local res, err = c:chat_stream{ messages = user("paced"), on_delta = on_delta }
+      assert.is_nil(err)
+      assert.equal("paced", res.choices[1].message.content)
+      assert.equal(2, c.last.attempts)
+      assert.equal(0, c:breaker("gpt-fake"):stats().failures)
+      -- the caller's mistake: back at once, no retry, no other model
+      for i = #log, 1, -1 do log[i] = nil end
+      up:scenario{ { fault = "stream_error", error_type = "invalid_request_error", error_code = "invalid_value",
+                     error_message = "Invalid value for 'temperature'." } }
+      res, err = c:chat_stream{ messages = user("x"), on_delta = on_delta }
+      keep(err)
+      assert.is_nil(res)
+      assert.equal("invalid_request", err.kind)
+      assert.equal("invalid_value", err.code)
+      assert.equal("Invalid value for 'temperature'.", err.message)
+      assert.same({ "gpt-fake" }, log)
+      -- context length: routed to long_context_models
+      for i = #log, 1, -1 do log[i] = nil end
+      up:scenario{ { fault = "stream_error", error_type = "invalid_request_error",
+                     error_code = "context_length_exceeded" } }
+      res, err = c:chat_stream{ messages = user("long"), on_delta = on_delta }
+      assert.is_nil(err)
+      assert.same({ "gpt-fake", "gpt-fake-mini" }, log)
+      assert.equal("context_length", c.last.routed)
+      assert.equal("long", res.choices[1].message.content)
+    end)
+
+    it("an error event after the first token comes back with the partial text", function()
+      local c = client{ fallback_models = { "gpt-fake-mini" } }
+      up:scenario{ { fault = "stream_error", events = 3 } } -- role, "alpha ", "beta "
+      local parts, on_delta = collector()
+      local res, err = c:chat_stream{ messages = user("alpha beta gamma"), on_delta = on_delta }
+      keep(err)
+      assert.is_nil(res)
+      assert.same({ "alpha ", "beta " }, parts)
+      assert.equal("server_error", err.kind)
+      assert.equal("alpha beta ", err.partial)
+      assert.equal(1, up:stats().requests)
+    end)
+
     it("on_delta returning false stops the stream without a breaker failure", function()
       local c = client()
       local n = 0

@@ -47,7 +47,8 @@
 -- Responses are the provider's JSON, decoded (cjson: JSON null is cjson.null),
 -- and may be shared with the fallback cache: treat them as read-only. Errors
 -- are breaker.error values: kind (rate_limited, quota, auth, http_status,
--- context_length, timeout, connect, reset, decode, breaker_open, ...), the
+-- context_length, timeout, connect, reset, decode, breaker_open, and for an
+-- error event in a stream server_error or invalid_request, ...), the
 -- provider's message, `type`, `code` and `param`, status, retry_after,
 -- attempts, model, and `partial` (text received) for broken streams. The API
 -- key never appears in an error, in stats or in `client.last`.
@@ -114,8 +115,21 @@ local RESERVED = { on_delta = true, timeout = true }
 local AVAILABILITY = {
   breaker_open = true, rate_limited = true, quota = true, timeout = true, connect = true,
   reset = true, dns = true, tls = true, protocol = true, decode = true,
-  bulkhead_full = true, deadline = true, error = true,
+  bulkhead_full = true, deadline = true, error = true, server_error = true,
 }
+
+-- How the policy takes an error event in a stream (the provider failed
+-- after its 200), by the kind its type and code give: as the status it
+-- stands for would be taken. Such errors are keys of `event_rule` (weak).
+local EVENT_RULES = {
+  server_error = { outcome = "failure", retryable = true },
+  rate_limited = { outcome = "ignored", retryable = true },
+  quota = { outcome = "failure", retryable = false },
+  context_length = { outcome = "ignored", retryable = false },
+  invalid_request = { outcome = "ignored", retryable = false },
+  auth = { outcome = "ignored", retryable = false },
+}
+local event_rule = setmetatable({}, { __mode = "k" })
 
 ---------------------------------------------------------------------------
 -- Helpers
@@ -208,6 +222,11 @@ local function make_classifier(base)
         local aborted = err.kind == "aborted"
         return { outcome = aborted and "ignored" or "failure", retryable = false,
                  kind = err.kind, message = err.message }
+      end
+      local r = event_rule[err]
+      if r then
+        return { outcome = r.outcome, retryable = r.retryable, kind = err.kind, message = err.message,
+                 code = err.code, type = err.type }
       end
       return base(res, err, ctx)
     end
@@ -705,12 +724,48 @@ local function stream_event(st, data)
   return stream_chunk(st, doc)
 end
 
+-- A string field of a provider's JSON (a number becomes one), or nil (for
+-- JSON null too).
+local function str(v)
+  if type(v) == "string" then return v end
+  if type(v) == "number" then return tostring(v) end
+  return nil
+end
+
+local function has(s, word)
+  return s ~= nil and find(s, word, 1, true) ~= nil
+end
+
+-- The kind of an error event from its type and code (see EVENT_RULES).
+local function event_kind(typ, code)
+  if code == "context_length_exceeded" then return "context_length" end
+  if has(code, "quota") or has(typ, "quota") or has(code, "billing") or has(typ, "billing") then
+    return "quota"
+  end
+  if code == "rate_limit_exceeded" or typ == "rate_limit_error" or typ == "requests" or typ == "tokens" then
+    return "rate_limited"
+  end
+  if code == "invalid_api_key" or typ == "authentication_error" or typ == "permission_error" then
+    return "auth"
+  end
+  if typ == "invalid_request_error" then return "invalid_request" end
+  return "server_error"
+end
+
 -- Handles one decoded chat.completion.chunk; false stops the stream.
 function stream_chunk(st, doc)
-  if type(doc.error) == "table" then
-    local e = doc.error
-    st.perr = new_error("http_status", tostring(e.message or "error event in the stream"),
-                        { type = e.type, code = e.code })
+  local e = doc.error
+  if e ~= nil and e ~= cjson.null then
+    local msg, typ, code, param
+    if type(e) == "table" then
+      msg, typ, code, param = str(e.message), str(e.type), str(e.code), str(e.param)
+    else
+      msg = str(e)
+    end
+    local kind = event_kind(typ, code)
+    local err = new_error(kind, msg or "error event in the stream", { type = typ, code = code, param = param })
+    event_rule[err] = EVENT_RULES[kind]
+    st.perr = err
     return false
   end
   st.chunks = st.chunks + 1

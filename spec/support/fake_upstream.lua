@@ -361,19 +361,30 @@ local function stream_events(id, model, content, created)
 end
 
 -- Sends Server-Sent Events; with `die_after` closes the connection after that
--- many events, without the final chunk or [DONE].
+-- many events, without the final chunk or [DONE]. Fault stream_error: after
+-- `events` events (default 1) an error event in OpenAI's shape ends the
+-- stream, without [DONE] (the response itself ends cleanly).
 local function send_stream(events, f, die_after)
   ngx.status = 200
   ngx.header["Content-Type"] = "text/event-stream"
   ngx.header["Cache-Control"] = "no-cache"
   local body_delay = tonumber(f.body_delay)
+  local error_after = f.fault == "stream_error" and floor(tonumber(f.events) or 1) or nil
   for i, ev in ipairs(events) do
     if die_after and i > die_after then break end
+    if error_after and i > error_after then break end
     if i > 1 and body_delay and body_delay > 0 then ngx.sleep(body_delay) end
     ngx.print("data: ", ev, "\n\n")
     if not ngx.flush(true) then return ngx.exit(ngx.OK) end
   end
   if die_after then return ngx.exit(444) end
+  if error_after then
+    ngx.print("data: ", json_encode({ error = {
+      message = f.error_message or "The server had an error while processing your request. Sorry about that!",
+      type = f.error_type or "server_error", param = cjson.null, code = f.error_code or cjson.null,
+    } }), "\n\n")
+    return ngx.exit(200)
+  end
   ngx.print("data: [DONE]\n\n")
   return ngx.exit(200)
 end
@@ -644,7 +655,7 @@ function _M.api()
   if delay and delay > 0 then ngx.sleep(delay) end
   set_retry_headers(f)
 
-  if fault == "ok" or fault == "slow" then return route(method, path, body, f) end
+  if fault == "ok" or fault == "slow" or fault == "stream_error" then return route(method, path, body, f) end
   if fault == "reset" then return reset(f) end
   if fault == "quota" then
     return send_error(429, "You exceeded your current quota, please check your plan and " ..
