@@ -711,6 +711,33 @@ describe("breaker.llm", function()
       assert.equal("tool_calls", res.choices[1].finish_reason)
     end)
 
+    it("takes the events of a transport that does not stream, in one body", function()
+      -- breaker.curl without on_chunk: the whole event stream comes as the body
+      local t = require("breaker.curl").new{ timeout = 5 }
+      local buffering = { request = function(_, req)
+        local r = {}
+        for k, v in pairs(req) do r[k] = v end
+        r.on_chunk = nil
+        return t:request(r)
+      end }
+      local c = client{ transport = buffering }
+      local parts, on_delta = collector()
+      local res, err = c:chat_stream{ messages = user("all the events"), on_delta = on_delta }
+      assert.is_nil(err)
+      assert.same({ "all ", "the ", "events" }, parts)
+      assert.equal("all the events", res.choices[1].message.content)
+      assert.equal("stop", res.choices[1].finish_reason)
+      assert.equal("gpt-fake", res.model)
+      -- a body that is neither a completion nor events: decode, not an empty success
+      for _, body in ipairs{ "", "<html>busy</html>", '{"choices":[]}' } do
+        c = client{ policy = false, transport = scripted{ function() return 200, body end } }
+        res, err = c:chat_stream{ messages = user("x"), on_delta = on_delta }
+        keep(err)
+        assert.is_nil(res, body)
+        assert.equal("decode", err.kind)
+      end
+    end)
+
     it("a stream that dies inside a tool call reports the calls received so far", function()
       local c = client()
       -- events: the first call's opening piece and two 7-byte argument pieces

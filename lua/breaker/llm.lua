@@ -828,6 +828,7 @@ local function stream_transport(self, m, st)
     r.on_chunk = on_chunk
     local res, terr = inner:request(r)
     local whole  -- the body of an answer that came as one JSON document
+    local buffered = false  -- true when the transport does not stream
     if res and res.streamed then
       if terr == nil and not st.aborted and not st.perr then feed(nil) end
       if terr == nil and raw and st.chunks == 0 and not st.perr and not st.aborted then
@@ -835,6 +836,7 @@ local function stream_transport(self, m, st)
       end
     elseif res and res.status and res.status >= 200 and res.status < 300 then
       whole = res.body or ""   -- a transport that does not stream
+      buffered = true
     end
     raw = nil
     if whole then
@@ -858,6 +860,15 @@ local function stream_transport(self, m, st)
           choices = { { index = 0, delta = delta, finish_reason = c1.finish_reason } },
           usage = doc.usage })
         st.done = true
+        res.streamed = true
+      elseif buffered then
+        -- The events of the whole stream in one body: parsed as they would
+        -- have been as they came (on_delta gets every piece now).
+        if feed(whole) ~= false then feed(nil) end
+        if st.chunks == 0 and not st.done and not st.perr and not st.aborted then
+          st.perr = new_error("decode", "the response is neither a JSON completion nor Server-Sent Events",
+                              { status = res.status })
+        end
         res.streamed = true
       end
     end
