@@ -690,6 +690,35 @@ describe("breaker.llm", function()
       assert.is_true(os.clock() - t0 < 1)
     end)
 
+    it("a choice index that cannot be one is a decode error, not millions of choices", function()
+      local function event(index, text, finish)
+        return "data: " .. cjson.encode{ id = "c1", model = "gpt-fake", choices = {
+          { index = index, delta = { content = text }, finish_reason = finish or cjson.null } } } .. "\n\n"
+      end
+      -- several choices (n = 2), in any order: one completion each
+      local c = client{ transport = scripted{ function()
+        return 200, { event(1, "second"), event(0, "first"), event(0, "", "stop"), event(1, "", "length"),
+                      "data: [DONE]\n\n" }
+      end } }
+      local res = assert(c:chat_stream{ messages = user("x"), n = 2, on_delta = function() end })
+      assert.equal(2, #res.choices)
+      assert.equal("first", res.choices[1].message.content)
+      assert.equal("second", res.choices[2].message.content)
+      assert.equal("length", res.choices[2].finish_reason)
+      for _, index in ipairs{ 3e6, 1e9, 1e300, -1, 0.5, "1" } do
+        c = client{ policy = false, transport = scripted{ function()
+          return 200, { event(index, "hi", "stop"), "data: [DONE]\n\n" }
+        end } }
+        local t0 = os.clock()
+        local got, err = c:chat_stream{ messages = user("x"), on_delta = function() end }
+        keep(err)
+        assert.is_nil(got and #got.choices, tostring(index))   -- (not a table to print)
+        assert.equal("decode", err.kind)
+        assert.matches("bad choice index", err.message, 1, true)
+        assert.is_true(os.clock() - t0 < 0.1)
+      end
+    end)
+
     it("takes a provider that ignores stream and answers in one document", function()
       local c = client()
       up:scenario{ { fault = "ok", ignore_stream = true }, { fault = "ok", ignore_stream = true } }

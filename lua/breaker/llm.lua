@@ -648,11 +648,16 @@ function _M.sse_parser(on_event)
   end
 end
 
--- State of one streamed call, kept across its attempts and models.
+-- How far past the highest choice index seen a stream event's may be (a
+-- request asks for at most 128 choices at OpenAI).
+local MAX_CHOICE_SKIP = 128
+
+-- State of one streamed call, kept across its attempts and models. `top` is
+-- the highest choice index seen.
 local function stream_state(on_delta)
   return { on_delta = on_delta, delivered = false, first_at = false, texts = {},
            tools = {}, finish = {}, done = false, perr = false, meta = {}, usage = false,
-           chunks = 0, aborted = false }
+           chunks = 0, aborted = false, top = -1 }
 end
 
 local function stream_partial(st)
@@ -774,7 +779,20 @@ function stream_chunk(st, doc)
   local choices = doc.choices
   if type(choices) ~= "table" then return true end
   for _, c in ipairs(choices) do
-    local idx = tonumber(c.index) or 0
+    if type(c) ~= "table" then
+      st.perr = new_error("decode", "a choice in a stream event is not an object")
+      return false
+    end
+    local idx = c.index
+    if idx == nil or idx == cjson.null then
+      idx = 0
+    elseif type(idx) ~= "number" or not (idx >= 0) or idx % 1 ~= 0 or idx > st.top + MAX_CHOICE_SKIP then
+      -- the choices are a list up to the highest index: one far off would
+      -- make millions of them
+      st.perr = new_error("decode", "bad choice index in a stream event: " .. tostring(idx))
+      return false
+    end
+    if idx > st.top then st.top = idx end
     local delta = c.delta
     if type(c.finish_reason) == "string" then st.finish[idx] = c.finish_reason end
     if type(delta) == "table" then
@@ -822,7 +840,7 @@ local function stream_transport(self, m, st)
       return nil, st.last_err
     end
     st.done, st.perr, st.aborted, st.usage = false, false, false, false
-    st.texts, st.tools, st.finish, st.meta, st.chunks = {}, {}, {}, {}, 0
+    st.texts, st.tools, st.finish, st.meta, st.chunks, st.top = {}, {}, {}, {}, 0, -1
     feed = _M.sse_parser(function(data) return stream_event(st, data) end)
     raw = {}
     r.on_chunk = on_chunk
