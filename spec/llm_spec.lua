@@ -361,6 +361,26 @@ describe("breaker.llm", function()
       assert.equal(0, up:stats().requests)
       assert.equal(1, c:stats().models["gpt-fake"].rejected)
     end)
+
+    it("a transport raising, or a request JSON cannot hold: raised, and the stats still add up", function()
+      local log = {}
+      local c = client{ fallback_models = { "gpt-fake-mini" },
+                        transport = scripted({ function() error("transport bug") end }, log) }
+      local ok, raised = pcall(c.chat, c, { messages = user("x") })
+      assert.is_false(ok)
+      assert.matches("transport bug", raised, 1, true)
+      assert.same({ "gpt-fake" }, log)
+      local s = c:stats()
+      assert.same({ 1, 0, 1 }, { s.calls, s.successes, s.failures })
+      assert.is_true(c.last.error.raised)
+      -- a field JSON cannot encode is the caller's mistake: not a call at all
+      ok, raised = pcall(c.chat, c, { messages = user("x"), bad = function() end })
+      assert.is_false(ok)
+      assert.matches("breaker.llm.chat: the request cannot be encoded as JSON", raised, 1, true)
+      s = c:stats()
+      assert.same({ 1, 0, 1 }, { s.calls, s.successes, s.failures })
+      assert.equal(1, s.models["gpt-fake"].calls)
+    end)
   end)
 
   describe("model fallback", function()
@@ -626,6 +646,31 @@ describe("breaker.llm", function()
       assert.equal("aborted", err.kind)
       assert.equal("a b ", err.partial)
       assert.equal(0, c:breaker("gpt-fake"):stats().failures)
+    end)
+
+    it("on_delta raising: raised again from chat_stream as it was, the call counted as failed", function()
+      local c = client{ fallback_models = { "gpt-fake-mini" }, fallback = { value = "never" } }
+      local boom = setmetatable({}, { __tostring = function() return "boom" end })
+      local n = 0
+      local ok, raised = pcall(c.chat_stream, c, { messages = user("a b c"), on_delta = function()
+        n = n + 1
+        if n == 2 then error(boom) end
+      end })
+      assert.is_false(ok)
+      assert.equal(boom, raised)
+      assert.equal(2, n)
+      assert.equal(1, up:stats().requests)   -- no retry, no other model
+      local s = c:stats()
+      assert.same({ 1, 0, 1, 0 }, { s.calls, s.successes, s.failures, s.fallbacks })
+      assert.same({ 1, 0, 1 }, { s.models["gpt-fake"].calls, s.models["gpt-fake"].successes,
+                                 s.models["gpt-fake"].failures })
+      assert.equal(0, c:breaker("gpt-fake"):stats().failures)   -- the caller's doing
+      keep(c.last)
+      assert.is_nil(c.last.model)
+      assert.equal("error", c.last.error.kind)
+      assert.is_true(c.last.error.raised)
+      assert.equal("raised: boom", c.last.error.message)
+      assert.equal("gpt-fake", c.last.error.model)
     end)
 
     local TOOLS = {

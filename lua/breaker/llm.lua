@@ -989,24 +989,35 @@ end
 
 -- One try of `model` for run(): encodes the request for it, sends it
 -- through the model's policy and decodes the answer. Returns the answer, or
--- nil and the error (counted in the model's stats). `saved` are req's own
+-- nil and the error (counted in the model's stats), or nil, the value raised
+-- and true when on_delta or the transport raised. `r_*` are req's own
 -- model, stream, timeout and on_delta, put back after encoding.
 local function try_model(self, op, req, model, hreq, st, rep, r_model, r_stream, r_timeout, r_on_delta)
-  rep.models = rep.models + 1
   local m = self:_model(model)
-  local ms = m.stats
-  ms.calls = ms.calls + 1
   req.model, req.timeout, req.on_delta = model, nil, nil
   if op == "stream" then req.stream = true end
   local body, eerr = encode(req)
   req.model, req.stream, req.timeout, req.on_delta = r_model, r_stream, r_timeout, r_on_delta
   if not body then
+    -- the caller's mistake (the first model's try: only the model changes),
+    -- not a call, as for the checks before run
+    self._totals.calls = self._totals.calls - 1
     raise(op == "stream" and "chat_stream" or op, "the request cannot be encoded as JSON: " .. tostring(eerr))
   end
+  rep.models = rep.models + 1
+  local ms = m.stats
+  ms.calls = ms.calls + 1
   hreq.body = body
   local mrep = m.report
   local transport = st and stream_transport(self, m, st) or self.transport
-  local res, err = m.policy:request(transport, hreq, mrep)
+  local p = m.policy
+  local ok, res, err = pcall(p.request, p, transport, hreq, mrep)
+  if not ok then
+    -- on_delta or the transport raised (the policy let it through): this
+    -- model's failure; run raises it again
+    ms.failures = ms.failures + 1
+    return nil, res, true
+  end
   rep.attempts = rep.attempts + (mrep.attempts or 0)
   rep.wait = rep.wait + (mrep.wait or 0)
   if res then
@@ -1052,6 +1063,18 @@ local function go_on(self, op, st, rep, err, list)
   return list
 end
 
+-- on_delta (or the transport) raised `v` in a try of `model`: the call
+-- counts as failed, client.last says so, and `v` goes on to the caller as it
+-- was raised (no other model, no fallback).
+local function reraise(self, rep, v, model, t_start)
+  self._totals.failures = self._totals.failures + 1
+  rep.model = nil
+  rep.error = new_error("error", "raised: " .. scrub(tostring(v), self._secret.key),
+                        { raised = true, model = model, models = rep.models })
+  rep.elapsed = clock.now_precise() - t_start
+  error(v, 0)
+end
+
 -- Runs `op` ("chat", "stream" or "embeddings") over the chain of models.
 -- The first model is tried before the loop over the others: a call its
 -- first model answers runs no loop, which keeps it compiled by LuaJIT.
@@ -1084,7 +1107,8 @@ local function run(self, op, req, on_delta)
 
   local list = chain(self, first, op)
   local model = list[1]
-  local doc, err = try_model(self, op, req, model, hreq, st, rep, r_model, r_stream, r_timeout, r_on_delta)
+  local doc, err, raised = try_model(self, op, req, model, hreq, st, rep, r_model, r_stream, r_timeout, r_on_delta)
+  if raised then reraise(self, rep, err, model, t_start) end
   local last_model = model
   if not doc then
     local restart
@@ -1100,7 +1124,8 @@ local function run(self, op, req, on_delta)
       if not seen then
         tried = tried or { [last_model] = true }
         tried[model] = true
-        doc, err = try_model(self, op, req, model, hreq, st, rep, r_model, r_stream, r_timeout, r_on_delta)
+        doc, err, raised = try_model(self, op, req, model, hreq, st, rep, r_model, r_stream, r_timeout, r_on_delta)
+        if raised then reraise(self, rep, err, model, t_start) end
         last_model = model
         if doc then break end
         list, restart = go_on(self, op, st, rep, err, list)
@@ -1176,8 +1201,10 @@ end
 -- piece of text as it arrives (returning false stops the stream: kind
 -- "aborted"). Before the first piece a failure is retried or falls back to
 -- the next model; after it the error is returned with err.partial (the text
--- delivered), never retried, so no text is delivered twice. The breaker
--- records the time to first token as the call's latency.
+-- delivered), never retried, so no text is delivered twice. An on_delta
+-- that raises stops the stream and its error is raised again as it was
+-- (the call counted as failed, client.last.error with raised = true). The
+-- breaker records the time to first token as the call's latency.
 function _M.chat_stream(self, req)
   check_request("chat_stream", req, "messages")
   local on_delta = req.on_delta
