@@ -548,6 +548,50 @@ describe("breaker.llm", function()
       assert.equal(0, c:stats().models["gpt-fake-mini"].calls)
     end)
 
+    it("a connection lost after the stream's last event does not fail the stream", function()
+      local c = client()
+      -- all ten events (role, eight words, finish_reason "stop"), then the
+      -- connection closes without [DONE] or the body's end
+      up:scenario{ { fault = "stream_die", events = 10 } }
+      local parts, on_delta = collector()
+      local res, err = c:chat_stream{ messages = user("ignored"), on_delta = on_delta }
+      assert.is_nil(err)
+      assert.equal("this stream will die before it is done", table.concat(parts))
+      assert.equal("this stream will die before it is done", res.choices[1].message.content)
+      assert.equal("stop", res.choices[1].finish_reason)
+      assert.equal(1, c.last.attempts)
+      local st = c:breaker("gpt-fake"):stats()
+      assert.equal(0, st.failures)
+      assert.equal(1, st.successes)
+      -- after [DONE] too; but not while a choice is unfinished
+      local function event(index, text, finish)
+        return "data: " .. cjson.encode{ choices = {
+          { index = index, delta = { content = text }, finish_reason = finish or cjson.null } } } .. "\n\n"
+      end
+      local errors = require "breaker.error"
+      for _, case in ipairs{
+        { { event(0, "done"), "data: [DONE]\n\n" }, "timeout" },
+        { { event(0, "done"), event(0, "", "stop"), 'data: {"choices":[],"usa' }, "reset" },
+      } do
+        c = client{ transport = scripted{ function(req)
+          for _, piece in ipairs(case[1]) do req.on_chunk(piece) end
+          return nil, errors.new(case[2], "the body did not end", { status = 200 })
+        end } }
+        res, err = c:chat_stream{ messages = user("x"), on_delta = on_delta }
+        assert.is_nil(err)
+        assert.equal("done", res.choices[1].message.content)
+      end
+      c = client{ transport = scripted{ function(req)
+        req.on_chunk(event(0, "one") .. event(1, "two") .. event(0, "", "stop"))
+        return nil, errors.new("reset", "transfer closed with outstanding read data remaining")
+      end } }
+      res, err = c:chat_stream{ messages = user("x"), n = 2, on_delta = function() end }
+      keep(err)
+      assert.is_nil(res)
+      assert.equal("reset", err.kind)
+      assert.equal("onetwo", err.partial)
+    end)
+
     it("a provider error before the stream starts is typed like chat's", function()
       local c = client()
       up:scenario{ { fault = "429", retry_after = 1, times = 3 } }

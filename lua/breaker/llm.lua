@@ -819,6 +819,21 @@ function stream_chunk(st, doc)
   return true
 end
 
+-- True when the stream of an attempt ended as a stream ends: [DONE], or a
+-- finish_reason for every choice that began.
+local function stream_finished(st)
+  if st.done then return true end
+  local finish = st.finish
+  if next(finish) == nil then return false end
+  for i in pairs(st.texts) do
+    if finish[i] == nil then return false end
+  end
+  for i, calls in pairs(st.tools) do
+    if #calls > 0 and finish[i] == nil then return false end
+  end
+  return true
+end
+
 -- The transport one streamed call goes through: it parses the events of each
 -- attempt, turns a stream that ends early into an error (with `partial` once
 -- text was delivered), and hands the policy the time to first token.
@@ -845,10 +860,19 @@ local function stream_transport(self, m, st)
     raw = {}
     r.on_chunk = on_chunk
     local res, terr = inner:request(r)
+    local late = false  -- a transport error after the stream had ended
+    if res == nil and terr ~= nil and not st.perr and not st.aborted and stream_finished(st) then
+      -- The provider was done (a proxy that then closes the connection
+      -- before the end of the body, a timeout waiting for that end): the
+      -- answer is whole, the error is not the provider's failure.
+      local status = type(terr) == "table" and tonumber(terr.status) or 200
+      res, terr, late = { status = status, headers = {}, body = "", streamed = true }, nil, true
+    end
     local whole  -- the body of an answer that came as one JSON document
     local buffered = false  -- true when the transport does not stream
     if res and res.streamed then
-      if terr == nil and not st.aborted and not st.perr then feed(nil) end
+      -- (after a late error, what is left in the parser is a piece of an event)
+      if terr == nil and not st.aborted and not st.perr and not late then feed(nil) end
       if terr == nil and raw and st.chunks == 0 and not st.perr and not st.aborted then
         whole = concat(raw)
       end
@@ -895,7 +919,7 @@ local function stream_transport(self, m, st)
       err = st.perr
     elseif st.aborted then
       err = new_error("aborted", "on_delta stopped the stream")
-    elseif not err and res and res.streamed and not st.done and next(st.finish) == nil then
+    elseif not err and res and res.streamed and not stream_finished(st) then
       err = new_error("reset", "the stream ended before its last event")
     end
     if err and st.delivered then
