@@ -592,6 +592,27 @@ describe("breaker.llm", function()
       assert.equal("onetwo", err.partial)
     end)
 
+    it("takes id, model and created from the first chunk that has them (Azure's first has none)", function()
+      local pieces = {
+        'data: {"choices":[],"created":0,"id":"","model":"","object":"","prompt_filter_results":' ..
+          '[{"prompt_index":0,"content_filter_results":{"hate":{"filtered":false,"severity":"safe"}}}]}\n\n',
+        'data: {"choices":[{"content_filter_results":{},"delta":{"content":"","role":"assistant"},' ..
+          '"finish_reason":null,"index":0}],"created":1717000000,"id":"chatcmpl-9","model":"gpt-4o-2024-05-13",' ..
+          '"object":"chat.completion.chunk","system_fingerprint":"fp_5f4bad809a"}\n\n',
+        'data: {"choices":[{"delta":{"content":"Hi"},"finish_reason":null,"index":0}],"created":1717000000,' ..
+          '"id":"chatcmpl-9","model":"gpt-4o-2024-05-13","object":"chat.completion.chunk"}\n\n',
+        'data: {"choices":[{"delta":{},"finish_reason":"stop","index":0}],"created":1717000000,' ..
+          '"id":"chatcmpl-9","model":"gpt-4o-2024-05-13","object":"chat.completion.chunk"}\n\n',
+        'data: [DONE]\n\n',
+      }
+      local c = client{ transport = scripted{ function() return 200, pieces end } }
+      local res = assert(c:chat_stream{ messages = user("x"), on_delta = function() end })
+      assert.equal("Hi", res.choices[1].message.content)
+      assert.equal("chatcmpl-9", res.id)
+      assert.equal("gpt-4o-2024-05-13", res.model)
+      assert.equal(1717000000, res.created)
+    end)
+
     it("a provider error before the stream starts is typed like chat's", function()
       local c = client()
       up:scenario{ { fault = "429", retry_after = 1, times = 3 } }

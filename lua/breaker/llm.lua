@@ -774,7 +774,12 @@ function stream_chunk(st, doc)
     return false
   end
   st.chunks = st.chunks + 1
-  if st.meta.id == nil then st.meta.id, st.meta.model, st.meta.created = doc.id, doc.model, doc.created end
+  -- each from the first chunk that has it: Azure's first chunk (prompt
+  -- filter results) has id "", model "" and created 0
+  local meta = st.meta
+  if meta.id == nil and type(doc.id) == "string" and doc.id ~= "" then meta.id = doc.id end
+  if meta.model == nil and type(doc.model) == "string" and doc.model ~= "" then meta.model = doc.model end
+  if meta.created == nil and type(doc.created) == "number" and doc.created > 0 then meta.created = doc.created end
   if type(doc.usage) == "table" then st.usage = doc.usage end
   local choices = doc.choices
   if type(choices) ~= "table" then return true end
