@@ -773,6 +773,28 @@ describe("breaker.llm", function()
                    calls[2]["function"].arguments)
     end)
 
+    it("a tool-call stream whose pieces carry content \"\" still has content null", function()
+      local function piece(delta, finish)
+        return "data: " .. cjson.encode{ id = "c1", model = "gpt-fake", choices = {
+          { index = 0, delta = delta, finish_reason = finish or cjson.null } } } .. "\n\n"
+      end
+      local c = client{ fallback = { cache = true }, transport = scripted{ function()
+        return 200, {
+          piece{ role = "assistant", content = "", tool_calls = { { index = 0, id = "call_1", type = "function",
+                 ["function"] = { name = "search", arguments = "" } } } },
+          piece{ content = "", tool_calls = { { index = 0, ["function"] = { arguments = '{"q":1}' } } } },
+          piece({ content = "" }, "tool_calls"),
+          "data: [DONE]\n\n" }
+      end } }
+      local res = assert(c:chat_stream{ messages = user("x"), tools = TOOLS, on_delta = function() end })
+      assert.equal(cjson.null, res.choices[1].message.content)
+      assert.equal('{"q":1}', res.choices[1].message.tool_calls[1]["function"].arguments)
+      -- cached as the answer to that request, as chat's tool calls are
+      c:breaker("gpt-fake"):force_open()
+      assert.equal(res, c:chat_stream{ messages = user("x"), tools = TOOLS, on_delta = function() end })
+      assert.equal("cache", c.last.fallback)
+    end)
+
     it("tells parallel tool calls apart by id when the provider sends no index", function()
       local c = client()
       up:scenario{ { fault = "ok", tool_index = "none" } }

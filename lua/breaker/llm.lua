@@ -813,7 +813,8 @@ function stream_chunk(st, doc)
           st.delivered = true
           st.first_at = clock.now_precise()
         end
-        if text then st.texts[idx] = (st.texts[idx] or "") .. text end
+        -- (a tool-call piece with content "" is no text: content stays null)
+        if text and text ~= "" then st.texts[idx] = (st.texts[idx] or "") .. text end
         if st.on_delta(text or "", doc, idx) == false then
           st.aborted = true
           return false
@@ -1164,7 +1165,7 @@ local function run(self, op, req, on_delta)
   end
   if doc then
     totals.successes = totals.successes + 1
-    if ckey and (not st or next(st.texts) ~= nil) then
+    if ckey and (not st or st.delivered) then   -- a stream that brought text or tool calls
       self._cache:set(ckey, doc, clock.now_precise())
     end
     rep.model = last_model
