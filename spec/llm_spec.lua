@@ -185,6 +185,25 @@ describe("breaker.llm", function()
       assert(ok, err)
     end)
 
+    it("leaves the caller's policy table as it was: two clients made from it have two retry budgets", function()
+      -- one retry per 10 s window in each budget
+      local spec = { retry = { max_attempts = 3, base = 0.01, cap = 0.02,
+                               budget = { ratio = 0, min_per_second = 0.1 } }, sleep = recorded }
+      local a, b = client{ policy = spec }, client{ policy = spec }
+      assert.same({ ratio = 0, min_per_second = 0.1 }, spec.retry.budget)
+      up:scenario{ { fault = "503", times = 2 }, { fault = "503" } }
+      local _, err = a:chat{ messages = user("x") }   -- takes a's one retry, then a's budget is out
+      keep(err)
+      assert.equal(2, err.attempts)
+      local res = b:chat{ messages = user("b's own budget") }   -- 503, then retried
+      assert.equal("b's own budget", res.choices[1].message.content)
+      assert.equal(2, b.last.attempts)
+      -- the default budget is not written into the caller's table either
+      local plain = { retry = { max_attempts = 2 } }
+      client{ policy = plain }
+      assert.is_nil(plain.retry.budget)
+    end)
+
     it("makes one breaker per (base_url, model)", function()
       local a = client()
       local b = client()

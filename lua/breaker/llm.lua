@@ -270,7 +270,11 @@ local function policy_sections(opt)
   if s.breaker and s.breaker.name ~= nil then
     raise("new", "policy.breaker.name: the client names each model's breaker itself")
   end
-  if s.retry == true then s.retry = copy(DEFAULT_RETRY) end
+  if s.retry == true then
+    s.retry = copy(DEFAULT_RETRY)
+  elseif type(s.retry) == "table" then
+    s.retry = copy(s.retry)   -- llm.new sets its budget: not in the caller's table
+  end
   return s
 end
 
