@@ -250,6 +250,11 @@ describe("breaker.llm", function()
                        "breaker.llm.chat: timeout: expected seconds > 0")
       assert.has_error(function() c:chat_stream{ messages = user("x") } end)
       assert.has_error(function() c:embeddings{} end)
+      -- a stream asked of chat would fail to decode at every model: pointed to chat_stream
+      assert.has_error(function() c:chat{ messages = user("x"), stream = true } end,
+                       "breaker.llm.chat: stream: use client:chat_stream{ ..., on_delta = fn } for a streamed answer")
+      assert.equal(0, up:stats().requests)
+      assert(c:chat{ messages = user("x"), stream = false })
     end)
 
     it("retries a 429 after its Retry-After and does not count it against the breaker", function()

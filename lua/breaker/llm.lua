@@ -1222,10 +1222,14 @@ end
 -- client:chat{ messages, model, temperature, max_tokens, ... } -> the
 -- provider's chat.completion (decoded JSON), a fallback answer, or nil, err.
 -- Every field except `timeout` (seconds per attempt) is sent as given (model
--- set per try). client.last says which model answered, how many attempts
--- and models it took, and whether a fallback answered.
+-- set per try); `stream = true` raises (chat_stream streams). client.last
+-- says which model answered, how many attempts and models it took, and
+-- whether a fallback answered.
 function _M.chat(self, req)
   check_request("chat", req, "messages")
+  if req.stream ~= nil and req.stream ~= false then
+    error("breaker.llm.chat: stream: use client:chat_stream{ ..., on_delta = fn } for a streamed answer", 2)
+  end
   return run(self, "chat", req)
 end
 
