@@ -1049,6 +1049,29 @@ describe("breaker.llm", function()
       assert.equal(1, c:stats().fallback_cache)
     end)
 
+    it("tells requests apart by fields named timeout, stream or on_delta below the top", function()
+      local c = client{ fallback = { cache = true } }
+      local function req(t)
+        return { messages = user("schema"), timeout = 3, response_format = { type = "json_schema",
+                 json_schema = { name = "s", schema = { type = "object", properties = t } } } }
+      end
+      local good = assert(c:chat(req{ timeout = { type = "integer" } }))
+      c:breaker("gpt-fake"):force_open()
+      assert.equal(good, c:chat(req{ timeout = { type = "integer" } }))
+      assert.equal("cache", c.last.fallback)
+      for _, t in ipairs{ { timeout = { type = "string" } }, { stream = { type = "integer" } },
+                          { on_delta = { type = "integer" } } } do
+        local res, err = c:chat(req(t))
+        keep(err)
+        assert.is_nil(res)
+        assert.equal("breaker_open", err.kind)
+      end
+      -- the top-level timeout is the client's: not part of the request
+      local r = req{ timeout = { type = "integer" } }
+      r.timeout = 9
+      assert(c:chat(r))
+    end)
+
     it("a cached answer also serves a stream of the same request", function()
       local c = client{ fallback = { cache = true } }
       assert(c:chat{ messages = user("streamed from cache") })

@@ -160,7 +160,8 @@ local function public_url(url)
 end
 
 -- Deterministic text of a JSON-like value (sorted keys), for cache keys.
-local function canon(v, out)
+-- At the top (`top`: the request) the client's own fields are left out.
+local function canon(v, out, top)
   local t = type(v)
   if t == "table" then
     local keys, n = {}, 0
@@ -174,7 +175,7 @@ local function canon(v, out)
     out[#out + 1] = "{"
     for i = 1, n do
       local k = keys[i]
-      if not RESERVED[k] and k ~= "stream" then
+      if not (top and (RESERVED[k] or k == "stream")) then
         out[#out + 1] = type(k) == "string" and format("%q", k) or tostring(k)
         out[#out + 1] = "="
         canon(v[k], out)
@@ -191,7 +192,7 @@ local function canon(v, out)
 end
 
 local function cache_key(op, model, req)
-  local out = canon(req, { op, "\n", model, "\n" })
+  local out = canon(req, { op, "\n", model, "\n" }, true)
   return concat(out)
 end
 
