@@ -204,6 +204,22 @@ describe("breaker.llm", function()
       assert.is_nil(plain.retry.budget)
     end)
 
+    it("keeps a model's breaker, open state and all, when its clients are gone", function()
+      -- a client made per request must not leave its breaker to the collector
+      local c = client({ model = "kept-model" })
+      c:breaker("kept-model"):force_open()
+      c = nil -- luacheck: ignore 311
+      collectgarbage()
+      collectgarbage()
+      local d = client({ model = "kept-model" })
+      assert.equal("forced_open", d:breaker("kept-model"):state())
+      local res, err = d:chat{ messages = user("x") }
+      assert.is_nil(res)
+      assert.equal("breaker_open", err.kind)
+      assert.equal(0, up:stats().requests)
+      d:breaker("kept-model"):reset()
+    end)
+
     it("makes one breaker per (base_url, model)", function()
       local a = client()
       local b = client()

@@ -438,6 +438,12 @@ end
 
 local make_model
 
+-- The per-model breakers this module made or found, by name, for the life of
+-- the process (one per provider and model): breaker.get holds breakers only
+-- while something uses them, and a client made per request would otherwise
+-- leave its breaker to the collector, open state and all.
+local kept_breakers = {}
+
 -- Per-model state, made on first use: its breaker, policy and counters.
 function _M._model(self, model)
   return self._models[model] or make_model(self, model)
@@ -469,12 +475,13 @@ make_model = function(self, model)
       spec.classify = make_classifier(classify_mod.from(s.classify or nil, "breaker.llm policy.classify"))
       if s.breaker then
         local name = _M.breaker_name(self.base_url, model)
-        b = breaker_mod.get(name)
+        b = breaker_mod.get(name) -- (kept_breakers keeps it registered)
         if not b then
           local ok, res = pcall(breaker_mod.new, name, s.breaker, self.shared and { shared = self.shared } or nil)
           if not ok then error(tostring(res):gsub("^[^:]*:%d+: ", ""), 0) end
           b = res
         end
+        kept_breakers[name] = b
         spec.breaker = b
       end
     else
