@@ -442,7 +442,7 @@ local make_model
 -- the process (one per provider and model): breaker.get holds breakers only
 -- while something uses them, and a client made per request would otherwise
 -- leave its breaker to the collector, open state and all.
-local kept_breakers = {}
+local kept_breakers = {} -- luacheck: ignore 241 (held, never read)
 
 -- Per-model state, made on first use: its breaker, policy and counters.
 function _M._model(self, model)
