@@ -6,7 +6,8 @@
 --   rate_limit = { learn = true }                      -- no own limit, only learn
 --
 -- rate/per: requests per period (`per` in seconds, or "second", "minute",
--- "hour"; default 1 s). burst: bucket size (default `rate`). max_wait: how long
+-- "hour"; default 1 s). burst: bucket size (default `rate`, at least 1: a
+-- rate below 1 per period still lets one call through). max_wait: how long
 -- a call may wait for a token (default 0: reject at once with kind
 -- "rate_limited", source "client", retry_after = seconds until a token).
 -- A waiting call reserves its token first, so concurrent waiters are spaced
@@ -77,7 +78,8 @@ function _M.new(opt, where)
   if learn ~= nil and type(learn) ~= "boolean" then fail(where, "learn", "a boolean", learn) end
   if rate == nil and learn == false then fail(where, "rate", "a number > 0 (or learn = true)", nil) end
   local rps = rate and rate / per or huge
-  local burst = num(opt, where, "burst", rate or huge, 1)
+  -- a bucket below one token would never admit a call
+  local burst = num(opt, where, "burst", rate and (rate > 1 and rate or 1) or huge, 1)
   return setmetatable({
     rps = rps, burst = burst,
     max_wait = num(opt, where, "max_wait", 0, 0),
