@@ -37,4 +37,57 @@ describe("breaker.ratelimit", function()
       assert.equal(5, admitted(ratelimit.new{ rate = 5, per = "minute" }, 10, 0))
     end)
   end)
+  describe("header values", function()
+    it("are finite, non-negative plain decimals; anything else is ignored", function()
+      local pd = ratelimit.parse_duration
+      assert.equal(2, pd(" 2s "))
+      assert.equal(1.5, pd("1.5"))
+      assert.equal(0, pd("0"))
+      assert.equal(7, pd(7))
+      for _, v in ipairs({ "inf", "+inf", "1e999", "1e3", "0x10", "-1", "-1s", "nan", "", " ", ".", "1.5.5s",
+                           string.rep("9", 400), string.rep("9", 400) .. "h" }) do
+        assert.is_nil(pd(v), v)
+      end
+      assert.is_nil(pd(math.huge))
+      assert.is_nil(pd(0 / 0))
+      assert.is_nil(pd(-1))
+    end)
+
+    it("never make the bucket infinite, negative or paused forever", function()
+      -- a reset of inf: ignored, the next call goes
+      local a = ratelimit.new{ learn = true }
+      a:learn({ ["x-ratelimit-remaining-requests"] = "0", ["x-ratelimit-reset-requests"] = "inf" }, 0)
+      assert.is_true(a:acquire(1, nil, no_sleep))
+      -- remaining "-inf" or "-5": ignored, the bucket is as it was
+      local b = ratelimit.new{ rate = 10 }
+      b:learn({ ["x-ratelimit-remaining-requests"] = "-inf" }, 0)
+      b:learn({ ["x-ratelimit-remaining-requests"] = "-5" }, 0)
+      assert.equal(10, b:available(0))
+      assert.is_true(b:acquire(1e6, nil, no_sleep))
+      -- "0x10" is not 16 remaining, "1e999" not an infinite limit
+      local c = ratelimit.new{ rate = 100 }
+      c:learn({ ["x-ratelimit-remaining-requests"] = "0x10" }, 0)
+      assert.equal(100, c:available(0))
+      c:learn({ ["x-ratelimit-remaining-tokens"] = "1e999" }, 0)
+      c:learn({ ["x-ratelimit-remaining-tokens"] = "0", ["x-ratelimit-reset-tokens"] = "0x10" }, 0)
+      assert.equal(100, c:available(0))
+    end)
+
+    it("cap any pause at MAX_PAUSE (1 h)", function()
+      assert.equal(3600, ratelimit.MAX_PAUSE)
+      local rl = ratelimit.new{ learn = true }
+      rl:learn({ ["x-ratelimit-remaining-requests"] = "0", ["x-ratelimit-reset-requests"] = "1000h" }, 0)
+      local _, err = rl:acquire(0, nil, no_sleep)
+      assert.near(3600, err.retry_after, 1e-9)
+      assert.is_true(rl:acquire(3600, nil, no_sleep))
+      -- a 429's pause (policy: rl:pause(now + retry_after, now)), even an infinite one
+      local p = ratelimit.new{ rate = 10 }
+      p:pause(math.huge, 100)
+      local _, e2 = p:acquire(100, nil, no_sleep)
+      assert.near(3600, e2.retry_after, 1e-9)
+      assert.is_true(p:acquire(3700, nil, no_sleep))
+      p:pause(0 / 0, 3701)
+      assert.near(10, p:available(3701), 1e-9)
+    end)
+  end)
 end)

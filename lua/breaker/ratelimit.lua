@@ -21,6 +21,9 @@
 --   x-ratelimit-reset-tokens: T -> no request until T (an LLM provider's
 --      tokens-per-minute budget is spent: a request now would get a 429)
 -- and a 429 with a Retry-After pauses every call of the policy until then.
+-- Header numbers must be finite, non-negative plain decimals (anything else,
+-- e.g. "inf", "1e999", "0x10", "-1", is ignored), and no header or 429 pauses
+-- the bucket for more than MAX_PAUSE (1 h).
 -- min_tokens: set it near the tokens one request uses (prompt + max_tokens)
 -- to hold calls back before the budget runs out rather than after. The
 -- bucket is per Lua VM (per nginx worker).
@@ -32,30 +35,47 @@ local retry = require "breaker.retry"
 local errors = require "breaker.error"
 local type, tonumber, setmetatable = type, tonumber, setmetatable
 local huge = math.huge
-local format, gmatch, find = string.format, string.gmatch, string.find
+local format, gmatch, find, match = string.format, string.gmatch, string.find, string.match
 local fail, check_keys, num = retry._fail, retry._check_keys, retry._num
 
 local KEYS = { rate = true, per = true, burst = true, max_wait = true, learn = true, min_tokens = true }
 local PERIODS = { second = 1, minute = 60, hour = 3600 }
 local UNITS = { h = 3600, m = 60, s = 1, ms = 1e-3, us = 1e-6, ["\194\181s"] = 1e-6, ns = 1e-9 }
 
--- Seconds from a Go-style duration ("1s", "6m0s", "1h2m3.5s", "20ms") or a
--- plain number of seconds; nil when the value is not understood.
-function _M.parse_duration(v)
-  if type(v) == "number" then return v >= 0 and v or nil end
+-- The longest pause a header or a 429 can impose: a larger value (a typo, a
+-- misbehaving proxy) is cut to this, so that one response cannot stop every
+-- call of the policy for days.
+_M.MAX_PAUSE = 3600
+
+-- A header's number: a finite, non-negative plain decimal ("12", "0.5", " 3 "),
+-- else nil (no sign, exponent, hex, "inf" or "nan"; a number must be finite).
+local function decimal(v)
+  if type(v) == "number" then
+    return (v >= 0 and v < huge) and v or nil
+  end
   if type(v) ~= "string" then return nil end
-  local n = tonumber(v)
-  if n then return n >= 0 and n or nil end
+  local s = match(v, "^%s*(%d+%.?%d*)%s*$") or match(v, "^%s*(%.%d+)%s*$")
+  local n = s and tonumber(s)
+  return (n and n < huge) and n or nil
+end
+
+-- Seconds from a Go-style duration ("1s", "6m0s", "1h2m3.5s", "20ms") or a
+-- plain number of seconds; nil when the value is not understood, negative
+-- or not finite.
+function _M.parse_duration(v)
+  if type(v) ~= "string" then return decimal(v) end
+  local n = decimal(v)
+  if n then return n end
   if not find(v, "^%s*[%d%.]") then return nil end
   local total, consumed = 0, 0
   for num_s, unit in gmatch(v, "([%d%.]+)([%a\194\181]+)") do
-    local x, u = tonumber(num_s), UNITS[unit]
+    local x, u = decimal(num_s), UNITS[unit]
     if not x or not u then return nil end
     total = total + x * u
     consumed = consumed + #num_s + #unit
   end
   local trimmed = v:match("^%s*(.-)%s*$")
-  if consumed ~= #trimmed then return nil end
+  if consumed ~= #trimmed or not (total < huge) then return nil end
   return total
 end
 
@@ -133,6 +153,9 @@ end
 -- No request is admitted before `until_t` (e.g. a 429's Retry-After); calls
 -- resume at the rate afterwards instead of as a burst.
 function _M.pause(self, until_t, now)
+  if until_t ~= until_t then return end
+  local max_t = now + _M.MAX_PAUSE
+  if until_t > max_t then until_t = max_t end
   refill(self, now)
   if until_t > self.last then
     self.last = until_t
@@ -149,20 +172,20 @@ end
 -- Learns from a response's rate-limit headers at time `now` (see the top).
 function _M.learn(self, headers, now)
   if not self.learn_headers or type(headers) ~= "table" then return end
-  local r = tonumber(hdr(headers, "x-ratelimit-remaining-requests"))
+  local r = decimal(hdr(headers, "x-ratelimit-remaining-requests"))
   if r then
     refill(self, now)
     if self.tokens > r then self.tokens = r end
     if r < 1 then
       local t = _M.parse_duration(hdr(headers, "x-ratelimit-reset-requests"))
       if t then
-        local l = tonumber(hdr(headers, "x-ratelimit-limit-requests"))
+        local l = decimal(hdr(headers, "x-ratelimit-limit-requests"))
         if l and l >= 1 then t = t / l end
         _M.pause(self, now + t, now)
       end
     end
   end
-  local rt = tonumber(hdr(headers, "x-ratelimit-remaining-tokens"))
+  local rt = decimal(hdr(headers, "x-ratelimit-remaining-tokens"))
   if rt and rt < self.min_tokens then
     -- the reset is when the token budget is back in full; nothing says how
     -- fast it refills before that, so wait for it
