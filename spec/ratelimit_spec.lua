@@ -90,4 +90,46 @@ describe("breaker.ratelimit", function()
       assert.near(10, p:available(3701), 1e-9)
     end)
   end)
+  describe("a pause (429 Retry-After)", function()
+    it("leaves one token at its end, even after a burst: the retry at Retry-After goes", function()
+      local rl = ratelimit.new{ rate = 10 }
+      assert.equal(10, admitted(rl, 10, 1000))       -- the burst is spent
+      assert.is_true(rl:acquire(1000.1, nil, no_sleep)) -- one token back, taken by the call that gets the 429
+      rl:pause(1002.1, 1000.1)                       -- Retry-After: 2
+      local _, err = rl:acquire(1002, nil, no_sleep)
+      assert.near(0.1, err.retry_after, 1e-9)
+      assert.is_true(rl:acquire(1002.1, nil, no_sleep))
+      -- and the calls after it come at the rate, not as a burst
+      local _, e2 = rl:acquire(1002.1, nil, no_sleep)
+      assert.near(0.1, e2.retry_after, 1e-9)
+      -- a full bucket is cut to one token too
+      local full = ratelimit.new{ rate = 10 }
+      full:pause(5, 0)
+      assert.equal(1, admitted(full, 10, 5))
+    end)
+
+    it("lets a policy's retry at the end of Retry-After through its own limiter", function()
+      local breaker = require "breaker"
+      local policy = require "breaker.policy"
+      local clock = breaker.clock
+      clock.freeze(1000)
+      finally(function() clock.unfreeze() end)
+      local sleeps = {}
+      local p = policy.new{ retry = { max_attempts = 3, base = 0.1 }, rate_limit = { rate = 10, per = "second" },
+                            sleep = function(s) sleeps[#sleeps + 1] = s; clock.advance(s) end }
+      local n = 0
+      local t = { request = function()
+        n = n + 1
+        if n == 11 then return { status = 429, headers = { ["retry-after"] = "2" }, body = "" } end
+        return { status = 200, headers = {}, body = "ok" }
+      end }
+      for _ = 1, 10 do assert(p:request(t, { method = "GET", url = "http://x/" })) end
+      clock.advance(0.1)
+      local res, err = p:request(t, { method = "GET", url = "http://x/" })
+      assert.is_nil(err)
+      assert.equal(200, res.status)
+      assert.same({ 2 }, sleeps)
+      assert.equal(2, p.last.attempts)
+    end)
+  end)
 end)

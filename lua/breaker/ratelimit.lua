@@ -150,8 +150,10 @@ function _M.acquire(self, now, deadline, sleep)
   return true, w
 end
 
--- No request is admitted before `until_t` (e.g. a 429's Retry-After); calls
--- resume at the rate afterwards instead of as a burst.
+-- No request is admitted before `until_t` (e.g. a 429's Retry-After); the
+-- bucket holds exactly one token then, so the first call at the pause's end
+-- (the retry the policy sends when Retry-After has passed) goes at once, and
+-- the calls after it follow at the rate instead of as a burst.
 function _M.pause(self, until_t, now)
   if until_t ~= until_t then return end
   local max_t = now + _M.MAX_PAUSE
@@ -159,7 +161,7 @@ function _M.pause(self, until_t, now)
   refill(self, now)
   if until_t > self.last then
     self.last = until_t
-    if self.tokens > 1 then self.tokens = 1 end
+    self.tokens = 1
   end
 end
 
