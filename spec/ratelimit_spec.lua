@@ -131,5 +131,47 @@ describe("breaker.ratelimit", function()
       assert.same({ 2 }, sleeps)
       assert.equal(2, p.last.attempts)
     end)
+    it("stops a call already waiting for a token when a 429 pauses the policy meanwhile", function()
+      -- rate 1/s: A takes the token at t = 0, B reserves the next and sleeps 1 s;
+      -- while B sleeps, A's answer is a 429 with Retry-After: 30
+      local rl = ratelimit.new{ rate = 1, burst = 1, max_wait = 2 }
+      assert.is_true(rl:acquire(0, nil, no_sleep))
+      local slept = {}
+      local ok, err = rl:acquire(0, nil, function(s)
+        slept[#slept + 1] = s
+        if #slept == 1 then rl:pause(0.5 + 30, 0.5) end
+      end)
+      assert.is_nil(ok)
+      assert.same({ "rate_limited", "client" }, { err.kind, err.source })
+      assert.near(29.5, err.retry_after, 1e-9)       -- from its wake-up at t = 1
+      assert.same({ 1 }, slept)
+      -- the pause is intact: one call at its end
+      assert.is_true(rl:acquire(30.5, nil, no_sleep))
+      -- with max_wait room left, the waiter sleeps on to the pause's end and goes then
+      local r2 = ratelimit.new{ rate = 1, burst = 1, max_wait = 10 }
+      assert.is_true(r2:acquire(0, nil, no_sleep))
+      local s2 = {}
+      local ok2, w2 = r2:acquire(0, nil, function(s)
+        s2[#s2 + 1] = s
+        if #s2 == 1 then r2:pause(5, 0.5) end
+      end)
+      assert.same({ true, 5 }, { ok2, w2 })
+      assert.same({ 1, 4 }, s2)
+      -- ... and the deadline still bounds it
+      local r3 = ratelimit.new{ rate = 1, burst = 1, max_wait = 10 }
+      assert.is_true(r3:acquire(0, nil, no_sleep))
+      local ok3, e3 = r3:acquire(0, 3, function() r3:pause(5, 0.5) end)
+      assert.is_nil(ok3)
+      assert.equal("rate_limited", e3.kind)
+      -- a pause that ends before the waiter wakes does not hold it up again
+      local r4 = ratelimit.new{ rate = 1, burst = 1, max_wait = 10 }
+      assert.is_true(r4:acquire(0, nil, no_sleep))
+      local s4 = {}
+      assert.is_true(r4:acquire(0, nil, function(s)
+        s4[#s4 + 1] = s
+        if #s4 == 1 then r4:pause(0.8, 0.5) end
+      end))
+      assert.same({ 1 }, s4)
+    end)
   end)
 end)

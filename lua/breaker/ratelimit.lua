@@ -106,6 +106,7 @@ function _M.new(opt, where)
     min_tokens = num(opt, where, "min_tokens", 1, 0),
     learn_headers = learn ~= false,
     tokens = burst, last = -huge,
+    pauses = 0, -- pauses so far: a waiter that slept through one checks again
   }, mt)
 end
 
@@ -134,20 +135,29 @@ end
 
 -- Takes a token at `now`: true, waited when one is free or becomes free within
 -- max_wait and before `deadline` (then sleeps until it does), else nil, err.
+-- A waiter reserves its token before it sleeps; if a pause came meanwhile (a
+-- 429 to another call), the reservation is void and it checks again at its
+-- wake-up time (`now` + the time slept), waiting on only if the new wait
+-- still fits max_wait (counted from the first call) and the deadline.
 function _M.acquire(self, now, deadline, sleep)
-  local w = _M.wait_time(self, now)
-  if w == 0 then
-    self.tokens = self.tokens - 1
-    return true, 0
+  local waited = 0
+  while true do
+    local w = _M.wait_time(self, now)
+    if w == 0 then
+      self.tokens = self.tokens - 1
+      return true, waited
+    end
+    if waited + w > self.max_wait or (deadline and now + w > deadline) then
+      return nil, errors.new("rate_limited",
+        format("client-side rate limit: next request allowed in %.3fs", w),
+        { retry_after = w, source = "client" })
+    end
+    self.tokens = self.tokens - 1 -- reserve, then wait for it
+    local pauses = self.pauses
+    sleep(w)
+    waited, now = waited + w, now + w
+    if self.pauses == pauses then return true, waited end
   end
-  if w > self.max_wait or (deadline and now + w > deadline) then
-    return nil, errors.new("rate_limited",
-      format("client-side rate limit: next request allowed in %.3fs", w),
-      { retry_after = w, source = "client" })
-  end
-  self.tokens = self.tokens - 1 -- reserve, then wait for it
-  sleep(w)
-  return true, w
 end
 
 -- No request is admitted before `until_t` (e.g. a 429's Retry-After); the
@@ -162,6 +172,7 @@ function _M.pause(self, until_t, now)
   if until_t > self.last then
     self.last = until_t
     self.tokens = 1
+    self.pauses = self.pauses + 1 -- waiters asleep now must check again
   end
 end
 
