@@ -174,4 +174,84 @@ describe("breaker.ratelimit", function()
       assert.same({ 1 }, s4)
     end)
   end)
+  describe("learn only (no own rate, breaker.llm's default)", function()
+    local function H(remaining, reset, limit)
+      return { ["x-ratelimit-remaining-requests"] = remaining, ["x-ratelimit-reset-requests"] = reset,
+               ["x-ratelimit-limit-requests"] = limit }
+    end
+
+    it("keeps to the requests the server says remain, refilled at the server's rate until the reset", function()
+      local rl = ratelimit.new{ learn = true }
+      assert.equal(math.huge, rl:available(0))
+      -- 2 of 60 left; the full 60 are back in 58 s: one comes back per second
+      rl:learn(H("2", "58s", "60"), 10)
+      assert.equal(2, admitted(rl, 10, 10.001))
+      local _, err = rl:acquire(10.002, nil, no_sleep)
+      assert.same({ "rate_limited", "client" }, { err.kind, err.source })
+      assert.near(0.998, err.retry_after, 1e-6)
+      assert.equal(1, admitted(rl, 10, 11.002))
+      assert.equal(2, admitted(rl, 10, 13.002))
+      -- at the reset the server's bucket is full: no own limit any more
+      assert.equal(100, admitted(rl, 100, 68))
+      assert.equal(math.huge, rl:available(68))
+    end)
+
+    it("waits for the learned refill when max_wait allows, spacing the waiters", function()
+      local rl = ratelimit.new{ learn = true, max_wait = 20 }
+      rl:learn(H("1", "2s", "3"), 0)                  -- 1 of 3 left, 2 back in 2 s: 1/s
+      local waits = {}
+      for _ = 1, 4 do
+        assert.is_true(rl:acquire(0, nil, function(s) waits[#waits + 1] = s end))
+      end
+      -- the 4th would be due at 3 s, but the window ends at 2 s: the bucket is full then
+      assert.same({ 1, 2, 2 }, waits)
+    end)
+
+    it("holds the remaining count until the reset even without the limit header", function()
+      local rl = ratelimit.new{ learn = true }
+      rl:learn(H("3", "5s"), 0)
+      assert.equal(3, admitted(rl, 10, 1))
+      local _, err = rl:acquire(1, nil, no_sleep)
+      assert.near(4, err.retry_after, 1e-9)
+      assert.equal(10, admitted(rl, 10, 5))
+      -- remaining without a reset says nothing of when calls come back: ignored
+      local n = ratelimit.new{ learn = true }
+      n:learn(H("1"), 0)
+      assert.equal(10, admitted(n, 10, 0))
+      -- a newer response lowers what remains (never raises it: calls in
+      -- flight are not in its count yet) and replaces the window
+      local u = ratelimit.new{ learn = true }
+      u:learn(H("5", "10s", "15"), 0)
+      u:learn(H("1", "1s", "6"), 0)
+      assert.equal(1, admitted(u, 10, 0))
+      u:learn(H("4", "1s", "6"), 0)
+      assert.equal(0, admitted(u, 10, 0))
+      assert.equal(10, admitted(u, 10, 1))
+    end)
+
+    it("still pauses one request's worth of the server's refill when none remain", function()
+      local rl = ratelimit.new{ learn = true }
+      rl:learn(H("0", "6m0s", "60"), 0)               -- 60 per 6 min: one per 6 s
+      local _, err = rl:acquire(0, nil, no_sleep)
+      assert.near(6, err.retry_after, 1e-9)
+      assert.equal(1, admitted(rl, 10, 6))
+      local _, e2 = rl:acquire(6, nil, no_sleep)
+      assert.near(6, e2.retry_after, 1e-9)
+    end)
+
+    it("caps the learned window at MAX_PAUSE, without shortening the pause after the last request", function()
+      local rl = ratelimit.new{ learn = true }
+      rl:learn(H("0", "1000h", "2"), 0)              -- 2 per 1000 h: one per 500 h, cut to 1 h
+      local _, err = rl:acquire(0, nil, no_sleep)
+      assert.near(3600, err.retry_after, 1e-9)
+      assert.equal(10, admitted(rl, 10, 3600))       -- the window (cut to 1 h) is over too
+    end)
+
+    it("leaves a limiter with its own rate as it was: capped by remaining, refilled at its rate", function()
+      local rl = ratelimit.new{ rate = 10 }
+      rl:learn(H("2", "58s", "60"), 0)
+      assert.equal(2, admitted(rl, 10, 0))
+      assert.equal(10, admitted(rl, 20, 5))
+    end)
+  end)
 end)

@@ -13,7 +13,10 @@
 -- A waiting call reserves its token first, so concurrent waiters are spaced
 -- out at the rate instead of waking together.
 -- learn (default true): after each response
---   x-ratelimit-remaining-requests: R   -> the bucket holds at most R tokens
+--   x-ratelimit-remaining-requests: R   -> the bucket holds at most R tokens;
+--     without an own rate (learn only), with x-ratelimit-reset-requests: T,
+--     until T, refilled meanwhile at (L - R) / T (L: x-ratelimit-limit-requests,
+--     the server's refill), then unlimited again; R without T is ignored there
 --   R == 0 with x-ratelimit-reset-requests: T ("1s", "6m0s", "20ms", or seconds)
 --     -> no request until T / x-ratelimit-limit-requests (one request's worth of
 --        the server's refill) or, without the limit header, until T
@@ -107,13 +110,26 @@ function _M.new(opt, where)
     learn_headers = learn ~= false,
     tokens = burst, last = -huge,
     pauses = 0, -- pauses so far: a waiter that slept through one checks again
+    lend = -huge, lrps = 0, lcap = huge, -- learn only: the learned window (see refill)
   }, mt)
 end
 
+-- Without an own rate (learn only), the bucket is unlimited except while a
+-- learned window is open (until `lend`, the server's reset): then it holds
+-- what the server said remains, less what was taken since, refilled at the
+-- learned rate `lrps` up to the server's limit `lcap`.
 local function refill(self, now)
   local last = self.last
   if now > last then
-    if self.rps == huge or last == -huge then
+    if self.rps == huge then
+      if now >= self.lend then
+        self.tokens = self.burst > self.tokens and self.burst or self.tokens
+      else
+        local t = self.tokens + (now - last) * self.lrps
+        if t > self.lcap then t = self.lcap end
+        if t > self.tokens then self.tokens = t end
+      end
+    elseif last == -huge then
       self.tokens = self.burst > self.tokens and self.burst or self.tokens
     else
       local t = self.tokens + (now - last) * self.rps
@@ -128,7 +144,16 @@ function _M.wait_time(self, now)
   refill(self, now)
   local ready = self.last
   local tk = self.tokens
-  if tk < 1 then ready = ready + (1 - tk) / self.rps end
+  if tk < 1 then
+    if self.rps == huge then
+      -- the learned refill, or the window's end (the server's bucket is full)
+      local lend = self.lend > ready and self.lend or ready
+      local r = self.lrps > 0 and ready + (1 - tk) / self.lrps or huge
+      ready = r < lend and r or lend
+    else
+      ready = ready + (1 - tk) / self.rps
+    end
+  end
   local w = ready - now
   return w > 0 and w or 0
 end
@@ -188,14 +213,22 @@ function _M.learn(self, headers, now)
   local r = decimal(hdr(headers, "x-ratelimit-remaining-requests"))
   if r then
     refill(self, now)
-    if self.tokens > r then self.tokens = r end
-    if r < 1 then
-      local t = _M.parse_duration(hdr(headers, "x-ratelimit-reset-requests"))
-      if t then
-        local l = decimal(hdr(headers, "x-ratelimit-limit-requests"))
-        if l and l >= 1 then t = t / l end
-        _M.pause(self, now + t, now)
-      end
+    local t = _M.parse_duration(hdr(headers, "x-ratelimit-reset-requests"))
+    local l = decimal(hdr(headers, "x-ratelimit-limit-requests"))
+    if self.rps == huge and t and t > 0 then
+      -- learn only: R requests until the reset, refilled meanwhile at the
+      -- server's rate: (L - R) requests come back over the T seconds left
+      local span = t < _M.MAX_PAUSE and t or _M.MAX_PAUSE
+      self.lend = now + span
+      self.lrps = (l and l > r) and (l - r) / span or 0
+      self.lcap = (l and l >= r) and l or huge
+    end
+    -- without an own rate, R counts only within a learned window: nothing
+    -- else says when the requests come back
+    if (self.rps ~= huge or self.lend > now) and self.tokens > r then self.tokens = r end
+    if r < 1 and t then
+      if l and l >= 1 then t = t / l end
+      _M.pause(self, now + t, now)
     end
   end
   local rt = decimal(hdr(headers, "x-ratelimit-remaining-tokens"))
