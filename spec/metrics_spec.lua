@@ -531,6 +531,55 @@ describe("breaker.metrics", function()
         "breaker.metrics.configure: no lua_shared_dict named 'metrics' (add `lua_shared_dict metrics 1m;` "
         .. "to the http block)")
     end)
+
+    it("never reads a shared dict's histogram counts kept under other buckets (a reload that changed them)", function()
+      -- a lua_shared_dict stand-in: it outlives a reload, as the real one does
+      local store = {}
+      local D = {}
+      function D.incr(_, k, by, init) store[k] = (store[k] or init) + by; return store[k] end
+      function D.get(_, k) return store[k] end
+      function D.get_keys() local t = {} for k in pairs(store) do t[#t + 1] = k end return t end
+      function D.delete(_, k) store[k] = nil end
+      local saved = rawget(_G, "ngx")
+      rawset(_G, "ngx", { shared = { spec_metrics = D } })
+      finally(function()
+        metrics.configure{ shared_dict = false, buckets = { 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5,
+                                                             10, 30, 60, 120 } }
+        rawset(_G, "ngx", saved)
+      end)
+      local name = uname("reload")
+      local H = "breaker_call_duration_seconds"
+      local function hist()
+        local out = {}
+        for _, smp in ipairs(parse_prometheus(metrics.prometheus())[H].samples) do
+          if smp.labels.breaker == name then
+            out[#out + 1] = smp.name:sub(#H + 2) .. (smp.labels.le and ("{" .. smp.labels.le .. "}") or "")
+                            .. "=" .. smp.value
+          end
+        end
+        return table.concat(out, " ")
+      end
+      metrics.configure{ shared_dict = "spec_metrics", buckets = { 0.1, 1, 10 } }
+      local b = new_breaker(name, {})
+      for _ = 1, 4 do b:record(assert(b:allow()), "success", 5) end
+      assert.equal("bucket{0.1}=0 bucket{1}=0 bucket{10}=4 bucket{+Inf}=4 sum=20 count=4", hist())
+      -- the reload: other bounds, the same dict; the four 5 s calls are not in the 0.5 s bucket
+      metrics.configure{ shared_dict = "spec_metrics", buckets = { 0.05, 0.1, 0.5, 1, 2 } }
+      assert.equal("bucket{0.05}=0 bucket{0.1}=0 bucket{0.5}=0 bucket{1}=0 bucket{2}=0 bucket{+Inf}=0 sum=0 count=0",
+                   hist())
+      b:record(assert(b:allow()), "success", 0.3)
+      assert.equal("bucket{0.05}=0 bucket{0.1}=0 bucket{0.5}=1 bucket{1}=1 bucket{2}=1 bucket{+Inf}=1 sum=0.3 count=1",
+                   hist())
+      -- a reload with the buckets unchanged keeps counting where it was
+      metrics.configure{ shared_dict = "spec_metrics", buckets = { 0.1, 1, 10 } }
+      b:record(assert(b:allow()), "success", 0.5)
+      assert.equal("bucket{0.1}=0 bucket{1}=1 bucket{10}=5 bucket{+Inf}=5 sum=20.5 count=5", hist())
+      -- reset() forgets every bounds' counts
+      metrics.reset()
+      local left = 0
+      for k in pairs(store) do if k:sub(1, 3) == "bh\0" then left = left + 1 end end
+      assert.equal(0, left)
+    end)
   end)
 
   describe("dashboard", function()

@@ -52,6 +52,7 @@ local STATES = breaker.STATES
 ---------------------------------------------------------------------------
 
 local bounds         -- histogram upper bounds, ascending, ending with math.huge
+local bounds_sig     -- the finite bounds as text: part of every shared-dict cell key
 local dict           -- ngx.shared.DICT or nil
 local dict_name
 local epoch = 0      -- bumped by configure: breakers re-read their histogram slot
@@ -59,16 +60,23 @@ local hists = {}     -- name -> { [i] = count in bucket i (not cumulative), sum,
 local counters = {}  -- key -> number (process mode)
 
 local function set_bounds(list)
-  local b = {}
-  for i, v in ipairs(list) do b[i] = v end
+  local b, sig = {}, {}
+  for i, v in ipairs(list) do
+    b[i] = v
+    local t = format("%.15g", v)
+    if tonumber(t) ~= v then t = format("%.17g", v) end
+    sig[i] = t
+  end
   b[#b + 1] = huge
-  bounds = b
+  bounds, bounds_sig = b, concat(sig, ",")
 end
 set_bounds(DEFAULT_BUCKETS)
 
--- Key of a histogram cell in the shared dict.
+-- Key of a histogram cell in the shared dict. The key names the bounds, so
+-- that counts kept under other bounds (a reload with other buckets: the dict
+-- outlives it) are never read as counts under these.
 local function hkey(name, cell)
-  return "bh\0" .. name .. "\0" .. cell
+  return "bh\0" .. name .. "\0" .. bounds_sig .. "\0" .. cell
 end
 
 -- A breaker's histogram slot, cached on the breaker object (b._mh).
@@ -235,8 +243,12 @@ end
 -- shared_dict keeps the histograms and policy counters in that
 -- lua_shared_dict (every worker adds to the same numbers; call it in
 -- init_by_lua or init_worker_by_lua); buckets are the histogram's upper
--- bounds in seconds, ascending (+Inf is added). Starts the counts afresh.
--- Raises on a bad value or a missing dict.
+-- bounds in seconds, ascending (+Inf is added). Starts this process's counts
+-- afresh. A shared dict outlives a reload, and its histogram cells are keyed
+-- by the bounds: the same buckets go on counting where the dict was, other
+-- buckets start from zero (cells of other bounds are never read; they stay
+-- until metrics.reset() or the dict evicts them). Raises on a bad value or a
+-- missing dict.
 function _M.configure(opts)
   if type(opts) ~= "table" then error("breaker.metrics.configure: expected an options table", 2) end
   for k in pairs(opts) do
