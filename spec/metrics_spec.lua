@@ -514,6 +514,22 @@ describe("breaker.metrics", function()
       assert.is_true(e.probe_never)
     end)
 
+    it("keeps the histogram's sum finite, the same number as the Prometheus text, after an infinite latency", function()
+      local name = uname("inf-latency")
+      local b = new_breaker(name, {})
+      b:record(assert(b:allow()), "success", 0.25)
+      b:record(assert(b:allow()), "failure", math.huge)
+      local e = by_name(cjson.decode(metrics.json()).breakers, name)
+      assert.equal(0.25, e.histogram.sum)
+      assert.equal(2, e.histogram.count)
+      assert.equal(2, e.histogram.counts[#e.histogram.counts])   -- +Inf
+      assert.equal(1, e.histogram.counts[#e.histogram.counts - 1])
+      local fams = parse_prometheus(metrics.prometheus())
+      local H = "breaker_call_duration_seconds"
+      assert.equal(0.25, find_sample(fams, H, { breaker = name }, H .. "_sum"))
+      assert.equal(2, find_sample(fams, H, { breaker = name }, H .. "_count"))
+    end)
+
     it("escapes strings so that any breaker name round-trips", function()
       local name = uname("q\"\\\1\n\tÿ")
       new_breaker(name, {})

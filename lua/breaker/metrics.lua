@@ -101,7 +101,9 @@ local function slot_for(b)
 end
 
 -- The observer breaker.record calls: outcome 0 success, 1 failure, 2 ignored
--- (not observed). Makes no garbage once the breaker has its slot.
+-- (not observed). Makes no garbage once the breaker has its slot. An infinite
+-- latency counts in the +Inf bucket but not in the sum, which stays a finite
+-- number (the same in the Prometheus text and in JSON, which has no +Inf).
 local function observe(b, outcome, latency)
   if outcome == 2 then return end
   local h = b._mh
@@ -110,6 +112,7 @@ local function observe(b, outcome, latency)
   local i = 1
   while latency > bs[i] do i = i + 1 end
   local d = h.dict
+  if latency == huge then latency = 0 end
   if d then
     d:incr(h.keys[i], 1, 0)
     d:incr(h.sum_key, latency, 0)
