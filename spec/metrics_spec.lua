@@ -424,6 +424,86 @@ describe("breaker.metrics", function()
                        "breaker.metrics.prometheus: unknown option 'nope'")
     end)
 
+    it("keeps the counts of a collected client: the llm counters never go down", function()
+      local llm = require "breaker.llm"
+      local body = cjson.encode{ id = "x", object = "chat.completion", model = "m",
+        choices = { { index = 0, message = { role = "assistant", content = "hi" }, finish_reason = "stop" } },
+        usage = { prompt_tokens = 3, completion_tokens = 2, total_tokens = 5 } }
+      local t = { request = function()
+        return { status = 200, headers = { ["content-type"] = "application/json" }, body = body }
+      end }
+      local name = uname("gc-client")
+      local function new()
+        return llm.new{ base_url = "http://gc-spec.example/v1", api_key = "k", model = "m", name = name,
+                        transport = t, prices = { m = { prompt = 2, completion = 8 } }, policy = { retry = false } }
+      end
+      local function chat(c) assert(c:chat{ messages = { { role = "user", content = "x" } } }) end
+      local L = { client = name, model = "m" }
+      local function read()
+        local fams = parse_prometheus(metrics.prometheus())
+        local function tok(kind)
+          return find_sample(fams, "breaker_llm_tokens_total", { client = name, model = "m", kind = kind })
+        end
+        return { find_sample(fams, "breaker_llm_calls_total", L), tok("prompt"), tok("completion"),
+                 find_sample(fams, "breaker_llm_cost_total", L) * 1e6 }
+      end
+      local keep = new()
+      chat(keep)
+      local function per_request() chat(new()) end  -- e.g. one client per request
+      for _ = 1, 3 do per_request() end
+      local before = read()
+      assert.equal(4, before[1])
+      -- one more client, whose calls come after that scrape: they count too
+      local function late() local c = new(); chat(c); chat(c) end
+      late()
+      collectgarbage(); collectgarbage()
+      local after = read()
+      assert.equal(6, after[1])
+      assert.equal(18, after[2])
+      assert.equal(12, after[3])
+      assert.near(6 * 22, after[4], 1e-6)
+      local e = by_name((function()
+        local l = {}
+        for _, c in ipairs(metrics.snapshot().llm) do l[#l + 1] = { name = c.client, c = c } end
+        return l
+      end)(), name).c
+      assert.same({ 6, 6, 30, 1 }, { e.calls, e.successes, e.total_tokens, #e.models })
+      assert.equal("closed", e.models[1].breaker)   -- from the live client
+      -- a model the client adds later (named by the request) counts too
+      local function other_model()
+        local c = new()
+        assert(c:chat{ model = "m-other", messages = { { role = "user", content = "x" } } })
+      end
+      other_model()
+      collectgarbage(); collectgarbage()
+      local fams = parse_prometheus(metrics.prometheus())
+      assert.equal(1, find_sample(fams, "breaker_llm_calls_total", { client = name, model = "m-other" }))
+      -- the collected clients' breakers are gone, not handed out again half-freed
+      local fresh = new()
+      chat(fresh)
+      assert.equal(7, read()[1])
+      -- unregistering takes the client's own counts out, not the collected ones
+      metrics.unregister_llm(keep)
+      metrics.unregister_llm(fresh)
+      assert.equal(5, read()[1])
+      -- a client unregistered before it is collected is not kept
+      local function gone() local c = new(); chat(c); metrics.unregister_llm(c) end
+      gone()
+      collectgarbage(); collectgarbage()
+      assert.equal(5, read()[1])
+      -- another object with a stats method: its numbers as of the last snapshot
+      local function stub_gone()
+        metrics.register_llm({ name = name, stats = function()
+          return { calls = 7, models = { m = { calls = 7, prompt_tokens = 1 } } }
+        end })
+        assert.equal(12, read()[1])
+      end
+      stub_gone()
+      collectgarbage(); collectgarbage()
+      assert.equal(12, read()[1])
+      assert.equal(5 * 3 + 1, read()[2])
+    end)
+
     it("includes a registered breaker.llm client's real usage against the fake upstream", function()
       local llm = require "breaker.llm"
       local up = helper.upstream.start{ api_key = "sk-test-good" }

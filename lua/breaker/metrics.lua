@@ -21,7 +21,8 @@
 -- sees. The latency histogram and the policy counters are kept by this module:
 -- per process by default, or, with metrics.configure{ shared_dict = "name" }
 -- (a lua_shared_dict), summed over every nginx worker. LLM token and cost
--- counts come from each client's client:stats() (per process).
+-- counts come from each client's client:stats() (per process); those of a
+-- client that was garbage-collected are kept, so the counters never go down.
 
 local breaker = require "breaker"
 local events = require "breaker.events"
@@ -29,7 +30,7 @@ local events = require "breaker.events"
 local type, pairs, ipairs, tostring, tonumber, error, pcall, setmetatable, getmetatable, rawget =
       type, pairs, ipairs, tostring, tonumber, error, pcall, setmetatable, getmetatable, rawget
 local format, gsub, byte, sub, find = string.format, string.gsub, string.byte, string.sub, string.find
-local concat, sort = table.concat, table.sort
+local concat, sort, remove = table.concat, table.sort, table.remove
 
 -- The keys of t (strings), sorted: series come out in a stable order.
 local function sorted_keys(t)
@@ -39,6 +40,11 @@ local function sorted_keys(t)
   return keys
 end
 local floor, huge = math.floor, math.huge
+
+local function finite(v)
+  if type(v) ~= "number" or v ~= v or v == huge or v == -huge then return nil end
+  return v
+end
 
 local VERSION = require "breaker.version"
 local _M = { _VERSION = VERSION }
@@ -58,6 +64,7 @@ local dict_name
 local epoch = 0      -- bumped by configure: breakers re-read their histogram slot
 local hists = {}     -- name -> { [i] = count in bucket i (not cumulative), sum, count }
 local counters = {}  -- key -> number (process mode)
+local retained = {}  -- the counts of collected LLM clients (see "LLM clients")
 
 local function set_bounds(list)
   local b, sig = {}, {}
@@ -288,8 +295,10 @@ function _M.configure(opts)
 end
 
 -- metrics.reset(): forgets the histograms and policy counters of this
--- process (and, with a shared dict, the dict's). For specs.
+-- process (and, with a shared dict, the dict's), and the counts kept from
+-- collected LLM clients. For specs.
 function _M.reset()
+  retained = {}
   if dict then
     for _, k in ipairs(dict:get_keys(0)) do
       if sub(k, 1, 3) == "bc\0" or sub(k, 1, 3) == "bh\0" then dict:delete(k) end
@@ -310,7 +319,118 @@ end
 -- LLM clients
 ---------------------------------------------------------------------------
 
-local llm_clients = setmetatable({}, { __mode = "k" })
+local LLM_MODEL_FIELDS = { "calls", "successes", "failures", "rejected", "context_length",
+                           "prompt_tokens", "completion_tokens", "total_tokens", "cost" }
+local LLM_TOTAL_FIELDS = { "calls", "successes", "failures", "fallbacks", "fallback_cache",
+                           "fallback_fn", "fallback_value", "context_routed" }
+
+local function num0(v)
+  return finite(tonumber(v)) or 0
+end
+
+-- Registered clients are held weakly, yet their counts must outlive them:
+-- the breaker_llm_*_total counters may never go down. Each registered client
+-- has a record (in `records`, held strongly) that knows where its numbers
+-- are without holding the client:
+--   name     label of the client's name
+--   ref      weak table, ref[1] the client while it lives
+--   totals, models   a breaker.llm client's own counter tables (its _totals,
+--            and each model's stats table, followed as models are added);
+--   last     for another object: its stats() as of the last snapshot
+--   armed    registered and not folded yet
+-- The client holds a userdata proxy whose finalizer moves the record's
+-- numbers into `retained` (label -> { totals, models }) once the client is
+-- collected. The finalizer reaches only the record and plain number tables:
+-- it must not bring the client back to life, since that would bring back its
+-- breakers too, which the breaker registry (weak) would then hand out with
+-- their C blocks already freed.
+local records = {}
+local scraping = 0    -- > 0 while a snapshot reads the clients
+local deferred = {}   -- records collected meanwhile: folded in after it
+
+local function zeros(fields)
+  local t = {}
+  for _, k in ipairs(fields) do t[k] = 0 end
+  return t
+end
+
+-- The numbers of a record whose client is gone, in the shape of stats().
+local function record_stats(rec)
+  if rec.totals then
+    local s = { models = rec.models }
+    for _, k in ipairs(LLM_TOTAL_FIELDS) do s[k] = rec.totals[k] end
+    return s
+  end
+  return rec.last
+end
+
+-- Adds a collected client's numbers to `retained` (in a finalizer, or after
+-- a snapshot with `scraping` still set: never interleaved with another fold).
+local function fold(rec)
+  records[rec] = nil
+  local s = record_stats(rec)
+  if not s then return end
+  local r = retained[rec.name]
+  if not r then
+    r = { totals = zeros(LLM_TOTAL_FIELDS), models = {} }
+    retained[rec.name] = r
+  end
+  local rt = r.totals
+  for _, k in ipairs(LLM_TOTAL_FIELDS) do rt[k] = rt[k] + num0(s[k]) end
+  for model, ms in pairs(type(s.models) == "table" and s.models or {}) do
+    if type(ms) == "table" then
+      local rm = r.models[model]
+      if not rm then
+        rm = zeros(LLM_MODEL_FIELDS)
+        r.models[model] = rm
+      end
+      for _, k in ipairs(LLM_MODEL_FIELDS) do rm[k] = rm[k] + num0(ms[k]) end
+    end
+  end
+end
+
+-- The finalizer of a client's proxy. Finalizers run with the collector held
+-- back, so a fold here is never interleaved with another one; while a
+-- snapshot reads the records, the record is queued instead (the snapshot
+-- counts it once, from the record) and folded when the snapshot is done.
+local function collected(rec)
+  if not rec.armed then return end
+  if scraping > 0 then
+    deferred[#deferred + 1] = rec
+  else
+    rec.armed = false
+    pcall(fold, rec)
+  end
+end
+
+local newproxy = rawget(_G, "newproxy")
+local WEAK_V = { __mode = "v" }
+local GC_KEY = "_breaker_metrics" -- the registered client's field: { rec, proxy }
+
+-- Follows a breaker.llm client's counter tables: its totals, each model's
+-- stats table, and (through its model table's __newindex, set only if that
+-- table has no metatable) the models it adds later.
+local function see_models(rec, models)
+  for model, m in pairs(models) do
+    if type(m) == "table" and type(m.stats) == "table" then rec.models[model] = m.stats end
+  end
+end
+
+local function follow_llm(rec, c)
+  local totals, models = rawget(c, "_totals"), rawget(c, "_models")
+  if type(totals) ~= "table" or type(models) ~= "table" then return end
+  rec.totals, rec.models = totals, {}
+  local function see(model, m)
+    if type(m) == "table" and type(m.stats) == "table" then rec.models[model] = m.stats end
+  end
+  see_models(rec, models)
+  if getmetatable(models) == nil then
+    setmetatable(models, { __newindex = function(t, k, v)
+      rawset(t, k, v)
+      see(k, v)
+    end })
+  end
+end
 
 local function check_client(c, where)
   if type(c) ~= "table" or type(c.stats) ~= "function" then
@@ -318,17 +438,44 @@ local function check_client(c, where)
   end
 end
 
+local function record_of(c)
+  local h = rawget(c, GC_KEY)
+  return type(h) == "table" and h.rec or nil
+end
+
 -- metrics.register_llm(client): includes a breaker.llm client's per-model
--- calls, tokens and cost. Held weakly: a client that is gone drops out.
+-- calls, tokens and cost. Held weakly; when the client is garbage-collected,
+-- its counts are kept (added to the series of its name), so the counters
+-- never go down. For an object other than a breaker.llm client, what is kept
+-- is its stats() as of the last snapshot.
 function _M.register_llm(client)
   check_client(client, "breaker.metrics.register_llm")
-  llm_clients[client] = true
+  local rec = record_of(client)
+  if rec then
+    if not rec.armed then
+      rec.armed = true
+      records[rec] = true
+    end
+    return client
+  end
+  rec = { name = label(client.name), ref = setmetatable({ client }, WEAK_V), armed = true }
+  follow_llm(rec, client)
+  local proxy = newproxy and newproxy(true)
+  if proxy then getmetatable(proxy).__gc = function() collected(rec) end end
+  rawset(client, GC_KEY, { rec = rec, proxy = proxy })
+  records[rec] = true
   return client
 end
 
--- metrics.unregister_llm(client)
+-- metrics.unregister_llm(client): leaves the client out from now on, with
+-- its counts (they are not kept, as a collected client's are).
 function _M.unregister_llm(client)
-  llm_clients[client] = nil
+  if type(client) ~= "table" then return end
+  local rec = record_of(client)
+  if rec then
+    rec.armed = false
+    records[rec] = nil
+  end
 end
 
 ---------------------------------------------------------------------------
@@ -349,11 +496,6 @@ local function wall()
   local ok, socket = pcall(require, "socket")
   if ok and socket.gettime then return socket.gettime() end
   return os.time()
-end
-
-local function finite(v)
-  if type(v) ~= "number" or v ~= v or v == huge or v == -huge then return nil end
-  return v
 end
 
 local BREAKER_FIELDS = {
@@ -413,30 +555,11 @@ local function policies_entry()
   return list
 end
 
-local LLM_MODEL_FIELDS = { "calls", "successes", "failures", "rejected", "context_length",
-                           "prompt_tokens", "completion_tokens", "total_tokens", "cost" }
-local LLM_TOTAL_FIELDS = { "calls", "successes", "failures", "fallbacks", "fallback_cache",
-                           "fallback_fn", "fallback_value", "context_routed" }
-
-local function num0(v)
-  return finite(tonumber(v)) or 0
-end
-
-local function llm_entries(extra)
-  local clients = {}
-  for c in pairs(llm_clients) do clients[#clients + 1] = c end
-  if extra ~= nil then
-    if type(extra) ~= "table" then error("breaker.metrics: opts.llm must be a list of breaker.llm clients", 3) end
-    for _, c in ipairs(extra) do
-      check_client(c, "breaker.metrics")
-      if not llm_clients[c] then clients[#clients + 1] = c end
-    end
-  end
-  -- Clients of one name are added up: one series per (client, model).
+-- Clients of one name are added up: one series per (client, model), with
+-- the counts kept from the collected clients of that name.
+local function read_llm(extra)
   local map, list = {}, array()
-  for _, c in ipairs(clients) do
-    local s = c:stats()
-    local name = label(c.name)
+  local function entry(name)
     local e = map[name]
     if not e then
       -- token and cost totals are summed from the models below: a client
@@ -447,6 +570,9 @@ local function llm_entries(extra)
       map[name] = e
       list[#list + 1] = e
     end
+    return e
+  end
+  local function add(e, s)
     for _, k in ipairs(LLM_TOTAL_FIELDS) do e[k] = e[k] + num0(s[k]) end
     for model, ms in pairs(type(s.models) == "table" and s.models or {}) do
       local m = e._models[model]
@@ -464,11 +590,72 @@ local function llm_entries(extra)
       e.cost = e.cost + num0(ms.cost)
     end
   end
+  local recs = {}
+  for rec in pairs(records) do recs[#recs + 1] = rec end
+  for _, rec in ipairs(recs) do
+    local c = rec.ref[1]
+    if c then
+      local s = c:stats()
+      if rec.totals then
+        -- the models it has now (in case its model table could not be followed)
+        local models = rawget(c, "_models")
+        if type(models) == "table" then see_models(rec, models) end
+      else
+        -- another object: its numbers as of now, kept if it is collected
+        local last = { models = {} }
+        for _, k in ipairs(LLM_TOTAL_FIELDS) do last[k] = num0(s[k]) end
+        for model, ms in pairs(type(s.models) == "table" and s.models or {}) do
+          if type(ms) == "table" then
+            local m = {}
+            for _, k in ipairs(LLM_MODEL_FIELDS) do m[k] = num0(ms[k]) end
+            last.models[model] = m
+          end
+        end
+        rec.last = last
+      end
+      add(entry(label(c.name)), s)
+    else
+      local s = record_stats(rec) -- collected, not folded yet
+      if s then add(entry(rec.name), s) end
+      -- without newproxy no finalizer folds it: fold it after this snapshot
+      if not newproxy and rec.armed then deferred[#deferred + 1] = rec end
+    end
+  end
+  for _, c in ipairs(extra) do
+    local rec = record_of(c)
+    if not (rec and rec.armed) then add(entry(label(c.name)), c:stats()) end
+  end
+  for name, r in pairs(retained) do
+    local t = { models = r.models }
+    for _, k in ipairs(LLM_TOTAL_FIELDS) do t[k] = r.totals[k] end
+    add(entry(name), t)
+  end
   for _, e in ipairs(list) do
     e._models = nil
     sort(e.models, function(a, b) return a.model < b.model end)
   end
   sort(list, function(a, b) return a.client < b.client end)
+  return list
+end
+
+local function llm_entries(extra)
+  if extra ~= nil then
+    if type(extra) ~= "table" then error("breaker.metrics: opts.llm must be a list of breaker.llm clients", 3) end
+    for _, c in ipairs(extra) do check_client(c, "breaker.metrics") end
+  end
+  -- A record collected while this runs is queued (see collected), then
+  -- folded in, still under `scraping` so that a finalizer meanwhile queues too.
+  scraping = scraping + 1
+  local ok, list = pcall(read_llm, extra or {})
+  while deferred[1] do
+    local rec = remove(deferred)
+    if rec.armed then -- not unregistered meanwhile
+      rec.armed = false
+      pcall(fold, rec)
+    end
+  end
+  scraping = scraping - 1
+  if not ok then error(list, 0) end
   return list
 end
 
