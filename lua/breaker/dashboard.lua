@@ -127,11 +127,18 @@ th { color: var(--muted); font-weight: 500; font-size: 11px; text-transform: upp
   var MIN_SPAN = 30;          // the chart's shortest span, while history builds up
   var MAX_SAMPLES = 900;      // and never more samples than this
   var RATE_SPAN = 5;          // seconds the current rates average over
-  var STATE_LABEL = { closed: "closed", open: "open", half_open: "half-open",
-                      forced_open: "forced open", disabled: "disabled" };
+  // Maps keyed by names from the JSON have no prototype: a breaker named
+  // "constructor" or "__proto__" is a name like any other.
+  function dict(init) {
+    var d = Object.create(null);
+    if (init) Object.keys(init).forEach(function (k) { d[k] = init[k]; });
+    return d;
+  }
+  var STATE_LABEL = dict({ closed: "closed", open: "open", half_open: "half-open",
+                           forced_open: "forced open", disabled: "disabled" });
   var SVGNS = "http://www.w3.org/2000/svg";
-  var rings = {};             // name -> [{t, req, err, rej, state}]
-  var tiles = {};             // name -> {el, parts}
+  var rings = dict();         // name -> [{t, req, err, rej, state}]
+  var tiles = dict();         // name -> {el, parts}
   var lastFetch = 0;          // performance.now() of the last good snapshot
   var failuresInRow = 0;
 
@@ -212,8 +219,8 @@ th { color: var(--muted); font-weight: 500; font-size: 11px; text-transform: upp
              rej: Math.max(0, last.rej - first.rej) / dt };
   }
 
-  var STATE_FILL = { open: "rgba(229,72,77,.18)", forced_open: "rgba(166,107,214,.2)",
-                     half_open: "rgba(240,169,59,.2)" };
+  var STATE_FILL = dict({ open: "rgba(229,72,77,.18)", forced_open: "rgba(166,107,214,.2)",
+                          half_open: "rgba(240,169,59,.2)" });
 
   function drawChart(tile, ring, now) {
     var span = ring.length ? Math.min(HISTORY, Math.max(MIN_SPAN, now - ring[0].t)) : MIN_SPAN;
@@ -346,7 +353,7 @@ th { color: var(--muted); font-weight: 500; font-size: 11px; text-transform: upp
 
   function update(s) {
     var now = typeof s.time === "number" ? s.time : Date.now() / 1000;
-    var list = s.breakers || [], seen = {}, counts = {};
+    var list = s.breakers || [], seen = dict(), counts = dict();
     var box = $("tiles");
     list.forEach(function (b, i) {
       seen[b.name] = true;

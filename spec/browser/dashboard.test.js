@@ -312,6 +312,8 @@ async function main() {
     await waitFor('both tiles', 10000, async () =>
       (await tileState(page, 'fake-upstream')) === 'closed' && (await tileState(page, 'local-cache')) === 'closed');
     check(true, 'one tile per breaker, both closed while the upstream is healthy');
+    check((await tileState(page, 'constructor')) === 'closed' && (await tileState(page, '__proto__')) === 'closed',
+      'breakers named "constructor" and "__proto__" get their tiles like any other');
     const healthy = await waitFor('rates on the tile', 10000, async () => {
       const i = await tileInfo(page, 'fake-upstream');
       return i && /\d/.test(i.req) && /\d/.test(i.p50) ? i : null;
