@@ -14,6 +14,20 @@ local function admitted(rl, n, now)
 end
 
 describe("breaker.ratelimit", function()
+  it("gives the reserved token back when its sleep raises", function()
+    -- bngx.sleep raises in phases that cannot yield
+    local rl = ratelimit.new{ rate = 1, burst = 1, max_wait = 10 }
+    assert.is_true(rl:acquire(0, nil, no_sleep))
+    for _ = 1, 3 do
+      assert.has_error(function()
+        rl:acquire(0, nil, function() error("API disabled", 0) end)
+      end, "API disabled")
+    end
+    local ok, err = ratelimit.new{ rate = 1, burst = 1 }:acquire(0, nil, no_sleep)
+    assert.is_true(ok, err and tostring(err))
+    assert.near(1, rl:wait_time(0), 1e-9) -- as before the raises: one token's wait, not four
+  end)
+
   describe("a rate below one per period", function()
     it("holds one whole token, so a call goes through at once after an idle period", function()
       local rl = ratelimit.new{ rate = 0.5 }              -- one call per 2 s

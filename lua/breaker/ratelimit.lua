@@ -36,7 +36,7 @@ local mt = { __index = _M }
 
 local retry = require "breaker.retry"
 local errors = require "breaker.error"
-local type, tonumber, setmetatable = type, tonumber, setmetatable
+local type, tonumber, setmetatable, pcall, error = type, tonumber, setmetatable, pcall, error
 local huge = math.huge
 local format, gmatch, find, match = string.format, string.gmatch, string.find, string.match
 local fail, check_keys, num = retry._fail, retry._check_keys, retry._num
@@ -179,7 +179,11 @@ function _M.acquire(self, now, deadline, sleep)
     end
     self.tokens = self.tokens - 1 -- reserve, then wait for it
     local pauses = self.pauses
-    sleep(w)
+    local ok, serr = pcall(sleep, w)
+    if not ok then -- (a sleep in a phase that cannot yield) the token goes back
+      if self.pauses == pauses then self.tokens = self.tokens + 1 end
+      error(serr, 0)
+    end
     waited, now = waited + w, now + w
     if self.pauses == pauses then return true, waited end
   end
