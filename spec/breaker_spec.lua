@@ -780,6 +780,15 @@ describe("breaker", function()
       -- old spread: 16000 of 56000 samples
     end)
 
+    it("keeps the slow call that made the histogram halve", function()
+      local b = breaker.new(name(), { slow_call_duration = 1000, failure_rate_threshold = false,
+                                      consecutive_failures = false })
+      for _ = 1, 16383 do b:record(b:allow(), "success", 0.001) end
+      b:record(b:allow(), "success", 5) -- the 16384th sample: the histogram halves now
+      -- 16383 fast ones halve to 8191; the slow one stays (it would round to 0)
+      assert.equal(8192, b:stats().latency.samples)
+    end)
+
     it("keeps a breaker under 1 KiB with the default windows", function()
       assert.is_true(breaker.new(name()):stats().memory <= 1024)
       assert.is_true(breaker.new(name(), { window_type = "time" }):stats().memory <= 1024)

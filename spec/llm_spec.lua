@@ -778,6 +778,22 @@ describe("breaker.llm", function()
       assert.equal("gpt-fake", c.last.error.model)
     end)
 
+    it("on_delta raising on a fallback's text: raised again, no fallback counted", function()
+      local c = client{ fallback = { value = "Busy, try later." }, policy = { retry = false } }
+      up:scenario{ { fault = "503" } }
+      local ok, raised = pcall(c.chat_stream, c, { messages = user("x"), on_delta = function(text)
+        error("no room for " .. text, 0)
+      end })
+      assert.is_false(ok)
+      assert.equal("no room for Busy, try later.", raised)
+      local s = c:stats()
+      assert.same({ 1, 0, 1, 0, 0 }, { s.calls, s.successes, s.failures, s.fallbacks, s.fallback_value })
+      keep(c.last)
+      assert.is_nil(c.last.fallback)
+      assert.same({ "error", true }, { c.last.error.kind, c.last.error.raised })
+      assert.is_true(c.last.elapsed > 0)
+    end)
+
     local TOOLS = {
       { type = "function", ["function"] = { name = "search", parameters = { type = "object" } } },
       { type = "function", ["function"] = { name = "lookup_weather", parameters = { type = "object" } } },

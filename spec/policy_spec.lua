@@ -576,6 +576,50 @@ describe("breaker.policy", function()
         assert.equal(st.calls, st.successes + st.failures + st.ignored)
       end)
 
+      it("wakes only waiters that still wait on the semaphore", function()
+        if not rawget(_G, "jit") then
+          pending("plain Lua 5.1 cannot yield across pcall")
+          return
+        end
+        -- ngx.semaphore's count() is negative by the threads queued on it; a
+        -- killed thread leaves the queue. A stand-in with that behaviour:
+        local queued, posts, waits = {}, 0, 0
+        local sema = {
+          count = function() local n = 0; for _ in pairs(queued) do n = n + 1 end; return posts - n end,
+          post = function(_, n) posts = posts + (n or 1) end,
+          wait = function()
+            waits = waits + 1
+            if posts > 0 then posts = posts - 1; return true end
+            local co = coroutine.running()
+            queued[co] = true
+            coroutine.yield()
+            queued[co] = nil
+            return nil, "timeout"
+          end,
+        }
+        local saved_ngx = rawget(_G, "ngx")
+        _G.ngx = { get_phase = function() return "content" end }
+        local ok, err = pcall(function()
+          local bh = bulkhead.new{ max_concurrent = 1, max_wait = 1 }
+          bh.sema = sema
+          local function now() return 0 end
+          assert(bh:try_acquire())
+          local w = coroutine.create(function() return bh:acquire(now, function() end, nil) end)
+          coroutine.resume(w)            -- waits
+          queued[w] = nil                -- its light thread is killed
+          bh:release()
+          for _ = 1, 1000 do assert(bh:try_acquire()); bh:release() end
+          assert.equal(0, posts)         -- nothing posted for nobody
+          assert(bh:try_acquire())
+          waits = 0
+          local c = coroutine.create(function() return bh:acquire(now, function() end, nil) end)
+          coroutine.resume(c)
+          assert.equal(1, waits)         -- it yielded at its first wait
+        end)
+        _G.ngx = saved_ngx
+        assert(ok, err)
+      end)
+
       it("rejects after waiting max_wait", function()
         local p = P{ bulkhead = { max_concurrent = 1, max_wait = 0.2 } }
         local inner
@@ -670,6 +714,27 @@ describe("breaker.policy", function()
       function t.default_timeout() return nil end -- none: the time left
       assert(p:request(t, { url = "u" }))
       assert.equal(10, t.seen[3].timeout)
+      -- a default that is not a positive number counts as none
+      function t.default_timeout() return "5" end
+      assert(p:request(t, { url = "u" }))
+      assert.equal(10, t.seen[4].timeout)
+      t.default_timeout = 5 -- a field, not a method: none either
+      assert(p:request(t, { url = "u" }))
+      assert.equal(10, t.seen[5].timeout)
+    end)
+
+    it("asks the transport's default timeout before taking a slot or a permit", function()
+      local b = breaker.new(bname(), { consecutive_failures = 1, half_open_calls = 1, open_duration = 1 })
+      local p = P{ breaker = b, bulkhead = 1, deadline = 5 }
+      local t = transport{ { status = 500 }, { status = 200 } }
+      assert.is_nil(p:request(t, { url = "u" }))
+      clock.advance(1) -- half-open: one probe
+      function t.default_timeout() error("broken transport") end
+      assert.has_error(function() p:request(t, { url = "u" }) end, "broken transport")
+      t.default_timeout = nil
+      assert.equal(0, p.bulkhead:in_flight())
+      assert.equal(200, p:request(t, { url = "u" }).status) -- the probe was still free
+      assert.equal("closed", b:state())
     end)
 
     it("returns the error when a status override meets a transport error", function()

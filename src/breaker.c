@@ -458,13 +458,16 @@ static void hist_bounds(int idx, double *lo, double *hi)
 	}
 }
 
-/* Halves every bucket (rounding down) and counts what is left. */
-static __attribute__((noinline, cold)) void hist_decay(brk_t *b)
+/* Halves every bucket (rounding down) and counts what is left. Bucket
+ * `keep` (the one the sample that made the halving due went to, or -1)
+ * rounds up, so that sample is never erased by its own halving: a lone slow
+ * call stays visible until a later halving. */
+static __attribute__((noinline, cold)) void hist_decay(brk_t *b, int keep)
 {
 	uint32_t t = 0;
 	int i;
 	for (i = 0; i < BRK_HIST_BUCKETS; i++) {
-		b->hist[i] = (uint16_t)(b->hist[i] / 2);
+		b->hist[i] = (uint16_t)((b->hist[i] + (i == keep)) / 2);
 		t += b->hist[i];
 	}
 	b->hist_n = (uint16_t)t;
@@ -472,9 +475,10 @@ static __attribute__((noinline, cold)) void hist_decay(brk_t *b)
 
 static inline void hist_add(brk_t *b, double latency)
 {
-	b->hist[hist_index(latency)]++;
+	int i = hist_index(latency);
+	b->hist[i]++;
 	if (++b->hist_n >= HIST_DECAY)
-		hist_decay(b);
+		hist_decay(b, i);
 }
 
 static uint32_t hist_total(const brk_t *b)
@@ -1126,7 +1130,7 @@ static void repair_nl(brk_t *b)
 		uint32_t t = hist_total(b);
 		b->hist_n = (uint16_t)(t < HIST_DECAY ? t : HIST_DECAY - 1);
 		if (t >= HIST_DECAY)
-			hist_decay(b);
+			hist_decay(b, -1);
 	}
 	if (b->probes_granted > b->cfg.half_open_calls)
 		b->probes_granted = b->cfg.half_open_calls;

@@ -118,7 +118,11 @@ function _M.release(self)
     end
   end
   if self.active > 0 then self.active = self.active - 1 end
-  if self.waiters > 0 and self.sema then self.sema:post(1) end
+  -- wake one waiter if one really waits: a waiter whose light thread was
+  -- killed leaves the semaphore's queue but not `waiters`, and posts made
+  -- for nobody would let a later waiter spin through them without yielding
+  local s = self.sema
+  if s and s:count() < 0 then s:post(1) end
 end
 
 -- Waits for a slot until `limit`: true, t when one was taken, else false, t.

@@ -1108,6 +1108,9 @@ end
 -- on_delta (or the transport) raised `v` in a try of `model`: the call
 -- counts as failed, client.last says so, and `v` goes on to the caller as it
 -- was raised (no other model, no fallback).
+-- The client's counter of each way a fallback answers (see use_fallback).
+local FALLBACK_COUNTER = { cache = "fallback_cache", ["function"] = "fallback_fn", value = "fallback_value" }
+
 local function reraise(self, rep, v, model, t_start)
   self._totals.failures = self._totals.failures + 1
   rep.model = nil
@@ -1193,13 +1196,21 @@ local function run(self, op, req, on_delta)
   if not (st and st.delivered) then
     local v, how = use_fallback(self, op, req, err, ckey)
     if v ~= nil then
-      totals.fallbacks = totals.fallbacks + 1
-      rep.fallback, rep.error = how, err
       if st then
         local text = type(v) == "table" and type(v.choices) == "table" and type(v.choices[1]) == "table"
                      and type(v.choices[1].message) == "table" and v.choices[1].message.content
-        if type(text) == "string" and text ~= "" then on_delta(text, v, 0) end
+        if type(text) == "string" and text ~= "" then
+          local ok, e = pcall(on_delta, text, v, 0)
+          if not ok then -- as any raising on_delta: a failed call, re-raised
+            local fkey = FALLBACK_COUNTER[how]
+            if fkey then totals[fkey] = totals[fkey] - 1 end
+            totals.failures = totals.failures - 1 -- (reraise counts it)
+            return reraise(self, rep, e, last_model, t_start)
+          end
+        end
       end
+      totals.fallbacks = totals.fallbacks + 1
+      rep.fallback, rep.error = how, err
       rep.elapsed = clock.now_precise() - t_start
       return v
     end

@@ -619,7 +619,8 @@ end
 
 -- One attempt of p:request; retries are tail calls (a loop here would keep
 -- LuaJIT from compiling the common single-attempt path).
-local function request_attempt(self, transport, req, r, rep, ctx, attempt, deadline, waited, t_start, last_err)
+local function request_attempt(self, transport, req, r, rep, ctx, attempt, deadline, waited, t_start, last_err,
+                                base_to)
   local now = self.now
   local b, bh, rl = self.breaker, self.bulkhead, self.rate_limit
   local permit
@@ -648,14 +649,9 @@ local function request_attempt(self, transport, req, r, rep, ctx, attempt, deadl
       local e = last_err or errors.new("deadline", "deadline reached before the request", {})
       return request_final(self, rep, req, attempt - 1, waited, t_start, e, "rejected", "deadline")
     end
-    -- the time left caps the attempt's timeout: the request's own, else
-    -- the transport's default (a deadline never lengthens an attempt)
-    local to = req.timeout
-    if to == nil then
-      local dt = transport.default_timeout
-      if dt then to = dt(transport) end
-    end
-    r.timeout = (to and to < left) and to or left
+    -- the time left caps the attempt's timeout (base_to: the request's
+    -- own, else the transport's default; a deadline never lengthens one)
+    r.timeout = (base_to and base_to < left) and base_to or left
   end
   local ok, res, terr = pcall(transport.request, transport, r)
   local t1 = now()
@@ -699,7 +695,8 @@ local function request_attempt(self, transport, req, r, rep, ctx, attempt, deadl
   end
   if ev_on.retry then retry_event(self, attempt, delay, v, err) end
   if delay > 0 then self.sleep(delay) end
-  return request_attempt(self, transport, req, r, rep, ctx, attempt + 1, deadline, waited + delay, t_start, err)
+  return request_attempt(self, transport, req, r, rep, ctx, attempt + 1, deadline, waited + delay, t_start, err,
+                         base_to)
 end
 
 -- p:request(transport, req [, report]) -> res, or nil, err.
@@ -720,15 +717,26 @@ function _M.request(self, transport, req, rep)
   if rep.stop == nil then shape(rep) end
   local t_start = self.now()
   local deadline = self.deadline and t_start + self.deadline
-  local r = req
+  local r, base_to = req, nil
   if deadline then
     r = {}
     for k, v in pairs(req) do r[k] = v end
+    base_to = req.timeout
+    if base_to == nil then
+      -- asked here, before any slot or permit is taken: a transport whose
+      -- method raises raises with nothing to give back; a value that is
+      -- not a positive number counts as none
+      local dt = transport.default_timeout
+      if type(dt) == "function" then
+        local v = dt(transport)
+        if type(v) == "number" and v > 0 then base_to = v end
+      end
+    end
   end
   -- Only a user classifier looks at the context: the default one is spared the table.
   local ctx = self.custom_classify and { mode = "request", request = req, attempt = 0, policy = self } or nil
   if self.budget then self.budget:deposit(t_start) end
-  return request_attempt(self, transport, req, r, rep, ctx, 1, deadline, 0, t_start, nil)
+  return request_attempt(self, transport, req, r, rep, ctx, 1, deadline, 0, t_start, nil, base_to)
 end
 
 -- Drops what the fallback cache holds (e.g. after a config change).

@@ -158,20 +158,12 @@ function _M.wait_time(self, now)
   return w > 0 and w or 0
 end
 
--- Takes a token at `now`: true, waited when one is free or becomes free within
--- max_wait and before `deadline` (then sleeps until it does), else nil, err.
--- A waiter reserves its token before it sleeps; if a pause came meanwhile (a
--- 429 to another call), the reservation is void and it checks again at its
--- wake-up time (`now` + the time slept), waiting on only if the new wait
--- still fits max_wait (counted from the first call) and the deadline.
-function _M.acquire(self, now, deadline, sleep)
+-- The wait of acquire() when no token is free now; a loop of its own, so
+-- that the common call (a token is free) runs none (LuaJIT aborts traces
+-- on inner loops).
+local function wait_token(self, now, deadline, sleep, w)
   local waited = 0
   while true do
-    local w = _M.wait_time(self, now)
-    if w == 0 then
-      self.tokens = self.tokens - 1
-      return true, waited
-    end
     if waited + w > self.max_wait or (deadline and now + w > deadline) then
       return nil, errors.new("rate_limited",
         format("client-side rate limit: next request allowed in %.3fs", w),
@@ -186,7 +178,28 @@ function _M.acquire(self, now, deadline, sleep)
     end
     waited, now = waited + w, now + w
     if self.pauses == pauses then return true, waited end
+    -- a pause came while this call slept and voided its reservation
+    w = _M.wait_time(self, now)
+    if w == 0 then
+      self.tokens = self.tokens - 1
+      return true, waited
+    end
   end
+end
+
+-- Takes a token at `now`: true, waited when one is free or becomes free within
+-- max_wait and before `deadline` (then sleeps until it does), else nil, err.
+-- A waiter reserves its token before it sleeps; if a pause came meanwhile (a
+-- 429 to another call), the reservation is void and it checks again at its
+-- wake-up time (`now` + the time slept), waiting on only if the new wait
+-- still fits max_wait (counted from the first call) and the deadline.
+function _M.acquire(self, now, deadline, sleep)
+  local w = _M.wait_time(self, now)
+  if w == 0 then
+    self.tokens = self.tokens - 1
+    return true, 0
+  end
+  return wait_token(self, now, deadline, sleep, w)
 end
 
 -- No request is admitted before `until_t` (e.g. a 429's Retry-After); the
