@@ -713,6 +713,24 @@ describe("breaker", function()
       assert.equal(1, b:stats().successes)
     end)
 
+    it("raises on a function that is not one, counting nothing", function()
+      local b = breaker.new(name(), { consecutive_failures = 1 })
+      assert.has_error(function() b:call(nil) end, "b:call: expected a function as #1, got nil")
+      assert.has_error(function() b:call({}) end)
+      assert.equal("closed", b:state())
+      assert.equal(0, b:stats().calls)
+      local callable = setmetatable({}, { __call = function(_, x) return x end })
+      assert.equal(4, b:call(callable, 4))
+    end)
+
+    it("records a latency of 0 when fn moves the clock back", function()
+      clock.freeze(1000)
+      local b = breaker.new(name())
+      assert.equal("ok", b:call(function() clock.freeze(900); return "ok" end))
+      clock.unfreeze()
+      assert.equal(1, b:stats().successes)
+    end)
+
     it("measures latency with the clock", function()
       local b = breaker.new(name(), { slow_call_duration = 2 })
       b:call(function() clock.advance(3) end)
@@ -733,6 +751,16 @@ describe("breaker", function()
       assert.has_error(function() b:record(0 / 0, "success", 0) end)
       assert.has_error(function() b:record(-5, "success", 0) end)
       assert.has_error(function() b:record(p + 0.5, "success", 0) end)
+    end)
+
+    it("takes only numbers for latency and retry_after, in every binding", function()
+      local b = breaker.new(name(), { consecutive_failures = 1, open_duration = 1 })
+      local p = b:allow()
+      assert.has_error(function() b:record(p, "failure", "0.5") end, "record: latency must be seconds >= 0")
+      assert.has_error(function() b:record(p, "failure", 0.5, "120") end,
+                       "record: retry_after must be seconds >= 0")
+      assert.has_error(function() b:record(math.huge, "success", 0) end)
+      assert.equal("closed", b:state())
     end)
   end)
 
@@ -814,6 +842,33 @@ describe("breaker", function()
       off()
       b:reset()
       assert.same({ b.name .. ":closed>open" }, got)
+    end)
+
+    it("tells every callback of a transition before the one a callback made", function()
+      local order = {}
+      local off = breaker.on_state_change(function(_, from, to) order[#order + 1] = from .. ">" .. to end)
+      local b
+      b = breaker.new(name(), { consecutive_failures = 1, on_state_change = function(_, _, to)
+        if to == "open" then b:reset() end
+      end })
+      feed(b, 1, "failure")
+      off()
+      assert.same({ "closed>open", "open>closed" }, order)
+      assert.equal("closed", b:state())
+    end)
+
+    it("lets a listener remove itself without skipping the next one", function()
+      local got = {}
+      local off_a
+      off_a = breaker.on_state_change(function() got[#got + 1] = "a"; off_a() end)
+      local off_b = breaker.on_state_change(function() got[#got + 1] = "b" end)
+      local b = breaker.new(name(), { consecutive_failures = 1 })
+      feed(b, 1, "failure")
+      b:reset()
+      off_b()
+      off_a() -- again: nothing
+      assert.same({ "a", "b", "b" }, got)
+      assert.is_nil(b.last_callback_error)
     end)
 
     it("reports a transition made while it reads the transition log", function()

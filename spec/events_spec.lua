@@ -62,6 +62,17 @@ describe("breaker.events", function()
       assert.is_nil(events.active.retry)
     end)
 
+    it("keeps a later subscription when an unsubscribe from before clear() runs", function()
+      local f = function() end
+      local off1 = events.on("rejected", f)
+      events.clear()
+      local off2 = events.on("rejected", f)
+      off1()
+      assert.is_true(events.active.rejected)
+      off2()
+      assert.is_nil(events.active.rejected)
+    end)
+
     it("emits nothing to a handler that unsubscribed", function()
       local got = {}
       local off = events.on("state_change", function(ev) got[#got + 1] = ev end)

@@ -1055,6 +1055,17 @@ describe("breaker.policy", function()
   end)
 
   describe("parts", function()
+    it("lru stores nothing under a NaN or nil key, and stays whole", function()
+      local c = fallback.lru(2)
+      for _ = 1, 3 do c:set(0 / 0, "x", 0); c:set(nil, "y", 0) end
+      assert.equal(0, c:len())
+      c:set("a", 1, 0); c:set("b", 2, 0); c:set("c", 3, 0)
+      assert.same({ 2, 3 }, { (c:get("b", 0)), (c:get("c", 0)) })
+      local p = P{ fallback = { cache = { size = 2 }, value = "v" } }
+      for _ = 1, 3 do assert.equal("ok", p:call(function() return "ok" end, 0 / 0)) end
+      assert.equal("ok", p:call(function() return "ok" end, 3))
+    end)
+
     it("lru keeps the most recently used entries", function()
       local c = fallback.lru(2)
       c:set("a", 1, 0); c:set("b", 2, 0)

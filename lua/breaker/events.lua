@@ -73,6 +73,8 @@ local function refresh()
   end
 end
 
+local cleared = 0 -- events.clear() calls so far
+
 -- events.on(type, fn) -> a function that removes the subscription.
 -- `type` is one of events.TYPES or "*" (every type); fn(payload).
 function _M.on(t, fn)
@@ -89,9 +91,11 @@ function _M.on(t, fn)
   new[#new + 1] = fn
   handlers[t] = new
   refresh()
-  local removed = false
+  local removed, epoch = false, cleared
   return function()
-    if removed then return end
+    -- once only, and not after events.clear(): a later subscription of the
+    -- same function is not this one's to remove
+    if removed or epoch ~= cleared then return end
     removed = true
     local cur, keep, dropped = handlers[t] or {}, {}, false
     for i = 1, #cur do
@@ -104,6 +108,7 @@ end
 
 -- events.clear(): removes every subscription (specs).
 function _M.clear()
+  cleared = cleared + 1
   for k in pairs(handlers) do handlers[k] = nil end
   refresh()
 end

@@ -61,7 +61,9 @@ function lru.get(c, key, now)
 end
 
 -- Stores `value` under `key` at time `now`, evicting the least recently used.
+-- A nil or NaN key (no table can hold one) stores nothing.
 function lru.set(c, key, value, now)
+  if key == nil or key ~= key then return end
   local map = c.map
   local n = map[key]
   if n then

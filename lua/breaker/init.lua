@@ -108,11 +108,21 @@ function _M.on_state_change(fn)
   if type(fn) ~= "function" then
     error("breaker.on_state_change: expected a function", 2)
   end
-  listeners[#listeners + 1] = fn
+  -- The list is replaced, never changed in place: a notice running over it
+  -- (a listener that removes itself or adds one) keeps the list it began.
+  local new = {}
+  for i = 1, #listeners do new[i] = listeners[i] end
+  new[#new + 1] = fn
+  listeners = new
+  local removed = false
   return function()
-    for i = #listeners, 1, -1 do
-      if listeners[i] == fn then table.remove(listeners, i) end
+    if removed then return end
+    removed = true
+    local keep, dropped = {}, false
+    for i = 1, #listeners do
+      if listeners[i] == fn and not dropped then dropped = true else keep[#keep + 1] = listeners[i] end
     end
+    listeners = keep
   end
 end
 
@@ -138,7 +148,7 @@ local registry = setmetatable({}, { __mode = "v" })
 -- The generation is read before the list: a transition another process
 -- makes between the two reads is either in the list or newer than what
 -- this object then records as seen, so the next notice reports it.
-local function notice(self)
+local function notice_once(self)
   local ud = self._ud
   local g = ud:generation()
   local list = ud:transitions(self._gen)
@@ -150,8 +160,9 @@ local function notice(self)
       local ok, err = pcall(cb, self.name, t.from, t.to, t.reason)
       if not ok then report_callback_error(self, err) end
     end
-    for i = 1, #listeners do
-      local ok, err = pcall(listeners[i], self.name, t.from, t.to, t.reason)
+    local ls = listeners
+    for i = 1, #ls do
+      local ok, err = pcall(ls[i], self.name, t.from, t.to, t.reason)
       if not ok then report_callback_error(self, err) end
     end
     if ev_on.state_change then
@@ -159,6 +170,26 @@ local function notice(self)
                              generation = t.generation })
     end
   end
+end
+
+-- A callback may move the breaker itself (reset() on open, say): its own
+-- notice waits until every callback has heard of the transition that ran
+-- it, and then reports what came after, so all of them see transitions in
+-- order. Bounded: callbacks that keep moving it get 8 rounds.
+local function notice(self)
+  if self._noticing then
+    self._renotice = true
+    return
+  end
+  self._noticing = true
+  local ok, err
+  for _ = 1, 8 do
+    self._renotice = false
+    ok, err = pcall(notice_once, self)
+    if not ok or not self._renotice then break end
+  end
+  self._noticing = false
+  if not ok then error(err, 0) end
 end
 
 -- breaker.events "rejected" (called only while someone subscribes).
@@ -248,7 +279,7 @@ if C then
             .. tostring(outcome), 2)
     end
     -- (floor, not `% 1`: the modulo compiles to a division on the hot path)
-    if type(permit) ~= "number" or not (permit > 0) or floor(permit) ~= permit then
+    if type(permit) ~= "number" or not (permit > 0 and permit < 2 ^ 53) or floor(permit) ~= permit then
       error("record: expected the permit returned by allow(), got " .. tostring(permit), 2)
     end
     latency = latency or 0
@@ -280,14 +311,23 @@ else
   end
 
   record = function(self, permit, outcome, latency, retry_after)
-    if type(permit) ~= "number" or not (permit > 0) or permit % 1 ~= 0 then
-      error("record: expected the permit returned by allow(), got " .. tostring(permit), 2)
-    end
+    -- the same checks, in the same order, as the FFI binding's
     if OUTCOMES[outcome] == nil then
       error("record: outcome must be \"success\", \"failure\" or \"ignored\", got "
             .. tostring(outcome), 2)
     end
-    self._ud:record(permit, outcome, latency or 0, retry_after or 0)
+    if type(permit) ~= "number" or not (permit > 0 and permit < 2 ^ 53) or floor(permit) ~= permit then
+      error("record: expected the permit returned by allow(), got " .. tostring(permit), 2)
+    end
+    latency = latency or 0
+    if type(latency) ~= "number" or not (latency >= 0) then
+      error("record: latency must be seconds >= 0", 2)
+    end
+    retry_after = retry_after or 0
+    if type(retry_after) ~= "number" or not (retry_after >= 0) then
+      error("record: retry_after must be seconds >= 0", 2)
+    end
+    self._ud:record(permit, outcome, latency, retry_after)
     if self._ud:generation() ~= self._gen then notice(self) end
     if observer then observer(self, OUTCOMES[outcome], latency or 0) end
   end
@@ -311,6 +351,7 @@ B.state = state
 
 local function finish(self, permit, t0, ok, ...)
   local latency = now_precise() - t0
+  if not (latency >= 0) then latency = 0 end -- a clock frozen back in time by fn
   if not ok then
     record(self, permit, "failure", latency)
     local e = ...
@@ -330,6 +371,10 @@ end
 -- a failure; a raised error comes back as nil, err (kind "error" unless it
 -- was already a breaker.error).
 function B:call(fn, ...)
+  if type(fn) ~= "function" then -- a caller's mistake, not an upstream failure
+    local m = getmetatable(fn)
+    if not (m and m.__call) then error("b:call: expected a function as #1, got " .. type(fn), 2) end
+  end
   local permit, err = allow(self)
   if not permit then return nil, err end
   return finish(self, permit, now_precise(), pcall(fn, ...))
@@ -389,6 +434,24 @@ end
 -- Lua-side config keys; the rest is validated by the C binding.
 local LUA_KEYS = { on_state_change = "function" }
 
+-- Splits a config into what C validates and the Lua-side keys, checking
+-- those; raises at `level` (as breaker.new and breaker.validate do).
+local function split_config(config, level)
+  local cfg, extra = {}, {}
+  for k, v in pairs(config or {}) do
+    if LUA_KEYS[k] then
+      if type(v) ~= LUA_KEYS[k] then
+        error("breaker config: bad value for '" .. k .. "' (expected a "
+              .. LUA_KEYS[k] .. ", got " .. type(v) .. ")", level + 1)
+      end
+      extra[k] = v
+    else
+      cfg[k] = v
+    end
+  end
+  return cfg, extra
+end
+
 local shared_mod
 
 -- breaker.new(name, config [, opts]) -> breaker. Raises on a bad name or
@@ -412,18 +475,7 @@ function _M.new(name, config, opts)
   if registry[name] then
     error("breaker.new: a breaker named '" .. name .. "' exists (use breaker.get)", 2)
   end
-  local cfg, extra = {}, {}
-  for k, v in pairs(config or {}) do
-    if LUA_KEYS[k] then
-      if type(v) ~= LUA_KEYS[k] then
-        error("breaker config: bad value for '" .. k .. "' (expected a "
-              .. LUA_KEYS[k] .. ", got " .. type(v) .. ")", 2)
-      end
-      extra[k] = v
-    else
-      cfg[k] = v
-    end
-  end
+  local cfg, extra = split_config(config, 2)
   local region
   if opts ~= nil then
     if type(opts) ~= "table" then error("breaker.new: expected an options table as #3", 2) end
@@ -450,6 +502,7 @@ function _M.new(name, config, opts)
     _ud = ud,
     _gen = ud:generation(),
     _on_change = extra.on_state_change,
+    _noticing = false, _renotice = false,
     _msg = open_messages(name),
     shared = region,
     _inline = region == nil or inline_shared,
@@ -477,10 +530,10 @@ _M.defaults = core.defaults
 
 -- breaker.validate(config) -> the config with defaults filled; raises like new.
 function _M.validate(config)
-  local cfg = {}
-  for k, v in pairs(config or {}) do
-    if not LUA_KEYS[k] then cfg[k] = v end
+  if config ~= nil and type(config) ~= "table" then
+    error("breaker.validate: expected a config table, got " .. type(config), 2)
   end
+  local cfg = split_config(config, 2)
   local ok, res = pcall(core.validate, cfg)
   if not ok then error(res, 2) end
   return res
