@@ -63,19 +63,11 @@ describe("breaker.cosocket in nginx", function()
     }
     client = curl.new{ timeout = 20 }
     -- the misbehaving server, in its own process, stopped by its pid
-    local port = helper.free_port()
-    local p = assert(io.popen(format("exec %ssh -c 'echo $$; exec luajit %s/spec/support/raw_upstream.lua %d'",
-                                     helper.clean_env, repo, port)))
-    raw = { pid = tonumber(p:read("*l")), port = port, pipe = p, url = "http://127.0.0.1:" .. port }
-    assert(p:read("*l") == "ready", "raw_upstream did not start")
+    raw = helper.raw_upstream()
   end)
 
   lazy_teardown(function()
-    if raw then
-      os.execute("kill " .. raw.pid)
-      raw.pipe:close()
-      assert(helper.wait_for(5, function() return not helper.running(raw.pid) end), "raw_upstream still runs")
-    end
+    if raw then raw.stop() end
     if client then client:close() end
     if app then app:stop() end
     if up then up:stop() end
@@ -251,7 +243,8 @@ describe("breaker.cosocket in nginx", function()
     end
 
     it("answers protocol, never raising, for replies it cannot read", function()
-      for _, path in ipairs{ "/bad_chunk", "/chunk_0x", "/no_colon", "/status_2000", "/many_interim",
+      for _, path in ipairs{ "/bad_chunk", "/chunk_0x", "/no_colon", "/status_2000", "/status_099", "/many_interim",
+                             "/garbage", "/lengths_differ",
                              "/te_xchunked", "/upgrade_101" } do
         local out = get(path)
         assert.is_nil(out.raised, path)
@@ -264,6 +257,14 @@ describe("breaker.cosocket in nginx", function()
       assert.are.equal("hello", get("/chunk_16_digits").res.body)
       assert.are.equal(100000, #get("/many_chunks").res.body)
       assert.are.equal("hello", get("/two_lengths").res.body)
+      local tr = get("/trailers").res  -- trailers stay out of the headers, as with breaker.curl
+      assert.are.same({ "hi", "head" }, { tr.body, tr.headers["x-a"] })
+      assert.is_nil(tr.headers["x-t"])
+    end)
+
+    it("joins a value folded over 20k lines, and 40k repeats of a header", function()
+      assert.are.equal("a" .. (" b"):rep(20000), get("/folded_flood").res.headers.x)
+      assert.are.equal(("a, "):rep(39999) .. "a", get("/header_flood").res.headers.x)
     end)
 
     it("never reuses a connection after a suspect answer", function()

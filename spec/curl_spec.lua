@@ -284,6 +284,16 @@ describe("breaker.curl", function()
       bad({ url = url(), headers = "x-a: 1" }, "headers must be a table")
     end)
 
+    it("raises on the framing headers the transport sets, as breaker.cosocket does", function()
+      -- a caller's Content-Length could frame the body otherwise than it is
+      -- sent: the rest would be read as the next request on the connection
+      for _, h in ipairs{ "Content-Length", "transfer-encoding", "CONNECTION" } do
+        bad({ url = url(), body = "helloGET /echo HTTP/1.1\r\nHost: x\r\n\r\n", headers = { [h] = "5" } },
+            "headers['" .. h .. "'] is set by the transport")
+      end
+      assert.equal(0, up:stats().requests)
+    end)
+
     it("raises on a bad body, timeout, method or key", function()
       bad({ url = url(), body = 42 }, "body must be a string")
       bad({ url = url(), body = {} }, "body must be a string")
@@ -827,6 +837,8 @@ describe("breaker.curl", function()
         { "GET", "bad name", "1" },
         { "GET", "", "1" },
         { "GET /x HTTP/1.1\r\nx-injected: 1\r\n", "x-a", "1" },
+        { "GET", "Content-Length", "5" },
+        { "GET", "transfer-encoding", "chunked" },
       }
       for _, c in ipairs(cases) do
         local kind, msg = c_request(c[1], c[2], c[3])
@@ -948,6 +960,66 @@ describe("breaker.curl", function()
       for _, v in ipairs{ -1, 0 / 0, math.huge, {}, false } do assert.is_nil(p(v)) end
       assert.is_nil(p(nil))
     end)
+  end)
+end)
+
+describe("breaker.curl against a server that breaks HTTP/1.1", function()
+  -- spec/support/raw_upstream.lua, in a process of its own
+  local raw, t
+
+  lazy_setup(function()
+    raw = helper.raw_upstream()
+    t = curl.new{ timeout = 5 }
+  end)
+
+  lazy_teardown(function()
+    if t then t:close() end
+    if raw then raw.stop() end
+  end)
+
+  it("reports a reply it cannot read as protocol, which the breaker counts", function()
+    local classify = require("breaker.classify").default
+    for _, path in ipairs{ "/garbage", "/status_2000", "/status_099", "/chunk_0x" } do
+      local res, err = t:request{ url = raw.url .. path }
+      assert.is_nil(res, path)
+      assert.are.equal("protocol", err.kind, path .. ": " .. tostring(err))
+      assert.are.equal("failure", classify(nil, err).outcome, path)
+    end
+    -- a header line over curl's own limit: too_large, not "out of memory"
+    local _, err = t:request{ url = raw.url .. "/huge_line" }
+    assert.are.equal("too_large", err.kind, tostring(err))
+  end)
+
+  it("refuses a reply with two different Content-Lengths", function()
+    local res, err = t:request{ url = raw.url .. "/lengths_differ" }
+    assert.is_nil(res)
+    assert.are.equal("protocol", err.kind)
+    assert.matches("conflicting Content-Length", err.message, 1, true)
+    assert(t:request{ url = raw.url .. "/ok" })
+  end)
+
+  it("keeps trailers out of the response's headers", function()
+    local res = assert(t:request{ url = raw.url .. "/trailers" })
+    assert.are.equal("hi", res.body)
+    assert.are.equal("head", res.headers["x-a"])
+    assert.is_nil(res.headers["x-t"])
+    assert.is_nil(res.headers["content-length"])
+  end)
+
+  it("joins 40k repeats of a header", function()
+    -- (once, at the end: joining as they came was quadratic, 0.66 s here)
+    local res = assert(t:request{ url = raw.url .. "/header_flood" })
+    local x = res.headers.x
+    assert.are.equal(40000 * 3 - 2, #x) -- "a, a, ..."
+    assert.are.equal(("a, "):rep(39999) .. "a", x)
+  end)
+
+  it("marks an empty 2xx answer streamed when on_chunk was given", function()
+    local got = 0
+    local res = assert(t:request{ url = raw.url .. "/empty_200", on_chunk = function() got = got + 1 end })
+    assert.are.equal(0, got)
+    assert.is_true(res.streamed)
+    assert.are.equal("", res.body)
   end)
 end)
 

@@ -281,6 +281,23 @@ function helper.wait_for(timeout, pred, step)
   return v
 end
 
+-- Starts spec/support/raw_upstream.lua (a server that breaks HTTP/1.1 on
+-- request) in a process of its own: { pid, port, url, stop = fn }; stop()
+-- kills it by its pid and waits until it is gone.
+function helper.raw_upstream()
+  local port = helper.free_port()
+  local p = assert(io.popen(("exec %ssh -c 'echo $$; exec luajit %s/spec/support/raw_upstream.lua %d'")
+                            :format(helper.clean_env, helper.repo_dir(), port)))
+  local raw = { pid = tonumber(p:read("*l")), port = port, url = "http://127.0.0.1:" .. port }
+  assert(p:read("*l") == "ready", "raw_upstream did not start")
+  function raw.stop()
+    os.execute("kill " .. raw.pid)
+    p:close()
+    assert(helper.wait_for(5, function() return not helper.running(raw.pid) end), "raw_upstream still runs")
+  end
+  return raw
+end
+
 local function accepts(port)
   local sock = require("socket").tcp()
   sock:settimeout(0.2)

@@ -72,7 +72,7 @@ static void buf_free(buf *b)
  * Types
  * ---------------------------------------------------------------------- */
 
-enum { ABORT_NONE, ABORT_TOO_LARGE, ABORT_HEADERS, ABORT_CHUNK, ABORT_NOMEM };
+enum { ABORT_NONE, ABORT_TOO_LARGE, ABORT_HEADERS, ABORT_CHUNK, ABORT_NOMEM, ABORT_LENGTHS };
 enum { BODY_UNDECIDED, BODY_BUFFER, BODY_STREAM };
 
 struct http_client {
@@ -130,6 +130,9 @@ struct http_request {
 	int done;                     /* result is final */
 	CURLcode setup_error;         /* first option curl refused */
 	size_t head_bytes;            /* raw header bytes of this response */
+	int head_done;                /* its head ended: later lines are trailers */
+	unsigned char clen_len;       /* bytes of the first Content-Length, or 0 */
+	char clen[23];                /* its value (at most 22 bytes are kept) */
 	char errbuf[CURL_ERROR_SIZE]; /* curl's CURLOPT_ERRORBUFFER */
 	char message[MESSAGE_MAX];
 	http_result result;
@@ -457,9 +460,17 @@ static size_t on_header(char *p, size_t size, size_t nmemb, void *ud)
 	if (len >= 5 && memcmp(p, "HTTP/", 5) == 0) {
 		r->head_buf.len = 0;
 		r->head_bytes = n;
+		r->head_done = 0;
+		r->clen_len = 0;
 		return n;
 	}
-	if (len == 0)
+	if (len == 0) {
+		r->head_done = 1;
+		return n;
+	}
+	/* Trailers of a chunked body come here too: they are not the
+	 * response's headers (a trailer could otherwise pose as one). */
+	if (r->head_done)
 		return n;
 	/* head_buf is "name\0value\0" pairs: a NUL inside a line would shift
 	 * every later pair (curl >= 7.x rejects such lines itself). */
@@ -507,6 +518,19 @@ static size_t on_header(char *p, size_t size, size_t nmemb, void *ud)
 	memcpy(out, p + i, len - i);
 	out[len - i] = '\0';
 	out[len - i + 1] = '\0';  /* the buffer's own NUL after its bytes */
+	if (colon == 14 && memcmp(out - 15, "content-length", 14) == 0) {
+		/* Two different lengths: which one frames the body is anyone's
+		 * guess (curl takes the last), the setup of response splitting.
+		 * A protocol error, as breaker.cosocket has it. */
+		size_t vlen = len - i;
+		if (r->clen_len == 0) {
+			r->clen_len = (unsigned char)(vlen < sizeof(r->clen) - 1 ? vlen : sizeof(r->clen) - 1);
+			memcpy(r->clen, p + i, r->clen_len);
+		} else if (vlen != r->clen_len || memcmp(r->clen, p + i, vlen) != 0) {
+			r->abort = ABORT_LENGTHS;
+			return 0;
+		}
+	}
 	return n;
 }
 
@@ -590,6 +614,27 @@ static char *write_header_line(char *p, const http_header *h)
  * end the line (no request smuggling through a name or value), and the
  * method, if any, is a token. Checked here for C callers too; the Lua
  * binding raises on the same rules before. */
+int http_is_framing_header(const char *s, size_t len)
+{
+	static const char *const names[] = { "content-length", "transfer-encoding", "connection" };
+	size_t i, j;
+	for (i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
+		const char *n = names[i];
+		if (strlen(n) != len)
+			continue;
+		for (j = 0; j < len; j++) {
+			char ch = s[j];
+			if (ch >= 'A' && ch <= 'Z')
+				ch = (char)(ch - 'A' + 'a');
+			if (ch != n[j])
+				break;
+		}
+		if (j == len)
+			return 1;
+	}
+	return 0;
+}
+
 static int spec_is_valid(const http_request_spec *spec)
 {
 	size_t i;
@@ -597,7 +642,8 @@ static int spec_is_valid(const http_request_spec *spec)
 		return 0;
 	for (i = 0; i < spec->nheaders; i++) {
 		const http_header *h = &spec->headers[i];
-		if (!http_is_token(h->name, h->name_len) || !http_is_field_value(h->value, h->value_len))
+		if (!http_is_token(h->name, h->name_len) || !http_is_field_value(h->value, h->value_len) ||
+		    http_is_framing_header(h->name, h->name_len))
 			return 0;
 	}
 	return 1;
@@ -733,6 +779,8 @@ static http_request *take_request(http_client *c)
 	r->done = 0;
 	/* setup_error stays: a handle that refused an option is never pooled */
 	r->head_bytes = 0;
+	r->head_done = 0;
+	r->clen_len = 0;
 	r->body_buf.len = 0;
 	r->head_buf.len = 0;
 	r->errbuf[0] = '\0';
@@ -870,7 +918,8 @@ static http_request *request_new(http_client *c, const http_request_spec *spec, 
 	if (!checked && !spec_is_valid(spec)) {
 		/* never the value in the message: it may be a credential */
 		fail(r, HTTP_EINVALID, CURLE_BAD_FUNCTION_ARGUMENT,
-		     "invalid method or header (name not a token, or CR, LF or NUL in a value)");
+		     "invalid method or header (name not a token, CR, LF or NUL in a value, or a "
+		     "header the transport sets: Content-Length, Transfer-Encoding, Connection)");
 		return r;
 	}
 	if (build_headers(c, r, spec) != 0) {
@@ -998,6 +1047,29 @@ static int index_headers(http_request *r)
 }
 
 /* Fills r's result once curl reports it done with code. */
+/* The kind of a transfer that failed with `code`. Once the request went
+ * out and a reply came back, codes that otherwise mean a caller's mistake
+ * come from that reply: curl 7.88 says "unsupported protocol" for a status
+ * line it cannot read (HTTP/0.9, a status of 2000 or 099) and "bad function
+ * argument" for a bad chunk size. The server broke HTTP: a protocol error,
+ * which the breaker counts, not an invalid request, which it ignores. A
+ * header line over curl's 100 KB limit comes back as "out of memory":
+ * too_large, as a body over max_body. */
+static http_kind kind_of_failure(http_request *r, CURLcode code)
+{
+	http_kind kind = classify(code);
+	long sent = 0;  /* CURLINFO_REQUEST_SIZE is a long */
+	if (kind != HTTP_EINVALID && code != CURLE_OUT_OF_MEMORY)
+		return kind;
+	if (code == CURLE_URL_MALFORMAT)
+		return kind;
+	if (curl_easy_getinfo(r->easy, CURLINFO_REQUEST_SIZE, &sent) != CURLE_OK)
+		sent = 0;
+	if (sent <= 0 && r->head_bytes == 0)
+		return kind;  /* refused before anything was sent */
+	return code == CURLE_OUT_OF_MEMORY ? HTTP_ETOOLARGE : HTTP_EPROTOCOL;
+}
+
 static void finish(http_request *r, CURLcode code)
 {
 	http_result *res = &r->result;
@@ -1008,7 +1080,9 @@ static void finish(http_request *r, CURLcode code)
 	res->connect_time = info_seconds(r->easy, CURLINFO_CONNECT_TIME_T);
 	res->first_byte_time = info_seconds(r->easy, CURLINFO_STARTTRANSFER_TIME_T);
 	res->total_time = info_seconds(r->easy, CURLINFO_TOTAL_TIME_T);
-	res->streamed = r->body_mode == BODY_STREAM;
+	/* a 2xx answer with on_chunk streamed, also with no body bytes (HEAD,
+	 * 204, empty): as breaker.cosocket has it */
+	res->streamed = r->on_chunk != NULL && status >= 200 && status < 300;
 	res->body = r->body_buf.data != NULL ? r->body_buf.data : "";
 	res->body_len = r->body_buf.len;
 
@@ -1024,14 +1098,17 @@ static void finish(http_request *r, CURLcode code)
 		     HEADER_BYTES_MAX);
 	} else if (code != CURLE_OK && r->abort == ABORT_CHUNK) {
 		fail(r, HTTP_EABORTED, (int)code, "transfer aborted by on_chunk");
+	} else if (code != CURLE_OK && r->abort == ABORT_LENGTHS) {
+		fail(r, HTTP_EPROTOCOL, (int)code, "the response has conflicting Content-Length headers");
 	} else if (code != CURLE_OK && r->abort == ABORT_NOMEM) {
 		fail(r, HTTP_EOTHER, (int)code, "out of memory receiving the response");
 	} else if (code != CURLE_OK) {
 		const char *what = curl_easy_strerror(code);
+		http_kind kind = kind_of_failure(r, code);
 		if (r->errbuf[0] != '\0' && strcmp(r->errbuf, what) != 0)
-			fail(r, classify(code), (int)code, "%s: %s", what, r->errbuf);
+			fail(r, kind, (int)code, "%s: %s", what, r->errbuf);
 		else
-			fail(r, classify(code), (int)code, "%s", what);
+			fail(r, kind, (int)code, "%s", what);
 	} else if (index_headers(r) != 0) {
 		fail(r, HTTP_EOTHER, CURLE_OUT_OF_MEMORY, "out of memory indexing headers");
 	} else {

@@ -108,8 +108,8 @@ void http_client_free(http_client *c);
 
 /* Prepares a request on c. Returns NULL only when out of memory; a request
  * curl refuses to set up, or whose method or headers fail http_is_token /
- * http_is_field_value, is returned already finished with an error, so
- * http_perform skips it. */
+ * http_is_field_value / http_is_framing_header, is returned already
+ * finished with an error, so http_perform skips it. */
 http_request *http_request_new(http_client *c, const http_request_spec *spec);
 
 /* The same for a caller that has already checked the method and headers
@@ -153,5 +153,11 @@ int http_is_token(const char *s, size_t len);
 /* 1 when s[0, len) holds no CR, LF or NUL, so it cannot end a header line
  * early: a valid header value. Shared like http_is_token. */
 int http_is_field_value(const char *s, size_t len);
+
+/* 1 when the header name s[0, len) is one the transport sets itself and a
+ * caller may not (Content-Length, Transfer-Encoding, Connection: a caller's
+ * value could frame the body differently from what is sent, and the next
+ * request on the kept-alive connection would read the wrong answer). */
+int http_is_framing_header(const char *s, size_t len);
 
 #endif

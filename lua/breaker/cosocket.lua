@@ -327,7 +327,12 @@ local function read_head(rd)
     if not v then v, code = match(line, "^HTTP/(%d%.%d) (%d%d%d) ") end
     local status = tonumber(code)
     if not status then return nil, "protocol", "not an HTTP status line" end
+    -- (below 100 is no status at all: not an interim answer to wait past)
+    if status < 100 then return nil, "protocol", "a status line with status " .. code end
     local fields, order, last = {}, {}, nil   -- name -> list of values
+    -- the pieces of a value continued on folded lines, joined once it ends
+    -- (joining as they come was quadratic in the number of lines)
+    local fold
     while true do
       line, kind, msg = rd.line(budget)
       if not line then
@@ -335,11 +340,20 @@ local function read_head(rd)
         return line_error(kind, msg)
       end
       budget = budget - #line - 2
-      if line == "" then break end
-      if find(line, "^[ \t]") then   -- obsolete line folding
-        if not last then return nil, "protocol", "a folded line before any header" end
+      local folded = find(line, "^[ \t]")
+      if fold and not folded then
         local list = fields[last]
-        list[#list] = list[#list] .. " " .. gsub(line, "^[ \t]+", "")
+        list[#list] = concat(fold, " ")
+        fold = nil
+      end
+      if line == "" then break end
+      if folded then   -- obsolete line folding
+        if not last then return nil, "protocol", "a folded line before any header" end
+        if not fold then
+          local list = fields[last]
+          fold = { list[#list] }
+        end
+        fold[#fold + 1] = gsub(line, "^[ \t]+", "")
       else
         local name, value = match(line, "^([^:%s]+):[ \t]*(.-)[ \t]*$")
         if not name then return nil, "protocol", "a response header line without a name and colon" end

@@ -68,6 +68,25 @@ local ANSWERS = {
   end,
   ["/no_colon"] = function(c) send(c, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nno colon here\r\n\r\nhi") end,
   ["/status_2000"] = function(c) send(c, "HTTP/1.1 2000 OK\r\nContent-Length: 2\r\n\r\nhi") end,
+  ["/status_099"] = function(c) send(c, "HTTP/1.1 099 X\r\nContent-Length: 2\r\n\r\nhi") end,
+  ["/garbage"] = function(c) send(c, "hello there, no status line\r\n"); return "close" end,
+  ["/lengths_differ"] = function(c)
+    send(c, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 5\r\n\r\nhello")
+  end,
+  -- a chunked body whose trailers repeat a header and add others
+  ["/trailers"] = function(c)
+    send(c, "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-A: head\r\n\r\n" ..
+            "2\r\nhi\r\n0\r\nX-A: trailer\r\nX-T: 1\r\nContent-Length: 99\r\n\r\n")
+  end,
+  -- 40k repeats of one header (about 200 KB of head)
+  ["/header_flood"] = function(c)
+    send(c, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n" .. ("X: a\r\n"):rep(40000) .. "\r\nhi")
+  end,
+  ["/empty_200"] = function(c) send(c, ok("")) end,
+  -- one header value continued on 20k folded lines
+  ["/folded_flood"] = function(c)
+    send(c, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX: a\r\n" .. (" b\r\n"):rep(20000) .. "\r\nhi")
+  end,
   ["/two_lengths"] = function(c) send(c, ok("hello", "Content-Length: 5\r\n")) end,
   -- 100000 chunks of one byte: a long stream in small pieces
   ["/many_chunks"] = function(c)
