@@ -148,6 +148,25 @@ local registry = setmetatable({}, { __mode = "v" })
 -- The generation is read before the list: a transition another process
 -- makes between the two reads is either in the list or newer than what
 -- this object then records as seen, so the next notice reports it.
+-- record()'s checks of its permit, latency and retry_after, the same in
+-- both bindings: raise at record's caller; return latency and retry_after
+-- with their defaults. (floor, not `% 1`: the modulo compiles to a
+-- division on the hot path.)
+local function record_args(permit, latency, retry_after)
+  if type(permit) ~= "number" or not (permit > 0 and permit < 2 ^ 53) or floor(permit) ~= permit then
+    error("record: expected the permit returned by allow(), got " .. tostring(permit), 3)
+  end
+  latency = latency or 0
+  if type(latency) ~= "number" or not (latency >= 0) then
+    error("record: latency must be seconds >= 0", 3)
+  end
+  retry_after = retry_after or 0
+  if type(retry_after) ~= "number" or not (retry_after >= 0) then
+    error("record: retry_after must be seconds >= 0", 3)
+  end
+  return latency, retry_after
+end
+
 local function notice_once(self)
   local ud = self._ud
   local g = ud:generation()
@@ -278,18 +297,7 @@ if C then
       error("record: outcome must be \"success\", \"failure\" or \"ignored\", got "
             .. tostring(outcome), 2)
     end
-    -- (floor, not `% 1`: the modulo compiles to a division on the hot path)
-    if type(permit) ~= "number" or not (permit > 0 and permit < 2 ^ 53) or floor(permit) ~= permit then
-      error("record: expected the permit returned by allow(), got " .. tostring(permit), 2)
-    end
-    latency = latency or 0
-    if type(latency) ~= "number" or not (latency >= 0) then
-      error("record: latency must be seconds >= 0", 2)
-    end
-    retry_after = retry_after or 0
-    if type(retry_after) ~= "number" or not (retry_after >= 0) then
-      error("record: retry_after must be seconds >= 0", 2)
-    end
+    latency, retry_after = record_args(permit, latency, retry_after)
     C.brk_record(self._p, permit, o, latency, retry_after)
     if self._h.gen ~= self._gen then notice(self) end
     if observer then observer(self, o, latency) end
@@ -311,25 +319,14 @@ else
   end
 
   record = function(self, permit, outcome, latency, retry_after)
-    -- the same checks, in the same order, as the FFI binding's
     if OUTCOMES[outcome] == nil then
       error("record: outcome must be \"success\", \"failure\" or \"ignored\", got "
             .. tostring(outcome), 2)
     end
-    if type(permit) ~= "number" or not (permit > 0 and permit < 2 ^ 53) or floor(permit) ~= permit then
-      error("record: expected the permit returned by allow(), got " .. tostring(permit), 2)
-    end
-    latency = latency or 0
-    if type(latency) ~= "number" or not (latency >= 0) then
-      error("record: latency must be seconds >= 0", 2)
-    end
-    retry_after = retry_after or 0
-    if type(retry_after) ~= "number" or not (retry_after >= 0) then
-      error("record: retry_after must be seconds >= 0", 2)
-    end
+    latency, retry_after = record_args(permit, latency, retry_after)
     self._ud:record(permit, outcome, latency, retry_after)
     if self._ud:generation() ~= self._gen then notice(self) end
-    if observer then observer(self, OUTCOMES[outcome], latency or 0) end
+    if observer then observer(self, OUTCOMES[outcome], latency) end
   end
 
   state = function(self)
