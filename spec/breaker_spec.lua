@@ -721,6 +721,13 @@ describe("breaker", function()
       assert.equal(0, b:stats().calls)
       local callable = setmetatable({}, { __call = function(_, x) return x end })
       assert.equal(4, b:call(callable, 4))
+      local hidden = setmetatable({}, { __call = function() return 5 end, __metatable = "locked" })
+      assert.equal(5, b:call(hidden))
+      local okffi, ffi = pcall(require, "ffi")
+      if okffi then -- a C function pointer is callable too
+        pcall(ffi.cdef, "int getpid(void);")
+        assert.is_true(b:call(ffi.cast("int (*)(void)", ffi.C.getpid)) > 0)
+      end
     end)
 
     it("records a latency of 0 when fn moves the clock back", function()
@@ -855,6 +862,32 @@ describe("breaker", function()
       off()
       assert.same({ "closed>open", "open>closed" }, order)
       assert.equal("closed", b:state())
+    end)
+
+    it("keeps telling callbacks after one yielded and was never resumed", function()
+      local seen = {}
+      local b
+      b = breaker.new(name(), { on_state_change = function(_, from, to)
+        seen[#seen + 1] = from .. ">" .. to
+        if #seen == 1 then coroutine.yield() end -- e.g. a webhook whose request was aborted
+      end })
+      local co = coroutine.create(function() b:force_open() end)
+      coroutine.resume(co)
+      co = nil -- luacheck: ignore 311
+      b:reset()
+      b:force_open()
+      assert.same({ "closed>forced_open", "forced_open>closed", "closed>forced_open" }, seen)
+      b:reset()
+    end)
+
+    it("stops telling callbacks when one closed the breaker", function()
+      local b
+      b = breaker.new(name(), { consecutive_failures = 1, on_state_change = function(_, _, to)
+        if to == "open" then b:reset(); b:close() end
+      end })
+      local res, err = b:call(function() return nil, "down" end)
+      assert.is_nil(res)
+      assert.equal("down", err)
     end)
 
     it("lets a listener remove itself without skipping the next one", function()

@@ -996,6 +996,8 @@ describe("breaker.curl against a server that breaks HTTP/1.1", function()
     assert.are.equal("protocol", err.kind)
     assert.matches("conflicting Content-Length", err.message, 1, true)
     assert(t:request{ url = raw.url .. "/ok" })
+    -- the same length written long, twice, is no conflict
+    assert.are.equal("hi", assert(t:request{ url = raw.url .. "/lengths_long_same" }).body)
   end)
 
   it("keeps trailers out of the response's headers", function()
@@ -1004,6 +1006,10 @@ describe("breaker.curl against a server that breaks HTTP/1.1", function()
     assert.are.equal("head", res.headers["x-a"])
     assert.is_nil(res.headers["x-t"])
     assert.is_nil(res.headers["content-length"])
+    -- nor can a trailer that begins like a status line start the head over
+    res = assert(t:request{ url = raw.url .. "/trailer_status" })
+    assert.are.same({ "hi", "head" }, { res.body, res.headers["x-a"] })
+    assert.is_nil(res.headers.location)
   end)
 
   it("joins 40k repeats of a header", function()

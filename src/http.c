@@ -132,7 +132,7 @@ struct http_request {
 	size_t head_bytes;            /* raw header bytes of this response */
 	int head_done;                /* its head ended: later lines are trailers */
 	unsigned char clen_len;       /* bytes of the first Content-Length, or 0 */
-	char clen[23];                /* its value (at most 22 bytes are kept) */
+	char clen[23];                /* its value, leading zeros dropped */
 	char errbuf[CURL_ERROR_SIZE]; /* curl's CURLOPT_ERRORBUFFER */
 	char message[MESSAGE_MAX];
 	http_result result;
@@ -444,6 +444,24 @@ static int is_space(char ch)
 
 /* Receives one header line of a response. A status line starts a new
  * response (after 1xx or a redirect) and drops the headers seen so far. */
+/* 1 when p[0, len) is a status line: "HTTP/" version SP 3 digits, then
+ * the end or SP. A header or trailer line that merely begins with "HTTP/"
+ * (it has a colon) is not one, so it cannot make the head start over. */
+static int is_status_line(const char *p, size_t len)
+{
+	size_t i = 5;
+	if (len < 5 || memcmp(p, "HTTP/", 5) != 0)
+		return 0;
+	while (i < len && ((p[i] >= '0' && p[i] <= '9') || p[i] == '.'))
+		i++;
+	if (i == 5 || i + 4 > len || p[i] != ' ')
+		return 0;
+	if (!(p[i + 1] >= '0' && p[i + 1] <= '9' && p[i + 2] >= '0' && p[i + 2] <= '9' &&
+	      p[i + 3] >= '0' && p[i + 3] <= '9'))
+		return 0;
+	return i + 4 == len || p[i + 4] == ' ';
+}
+
 static size_t on_header(char *p, size_t size, size_t nmemb, void *ud)
 {
 	http_request *r = ud;
@@ -457,7 +475,7 @@ static size_t on_header(char *p, size_t size, size_t nmemb, void *ud)
 	}
 	while (len > 0 && (p[len - 1] == '\r' || p[len - 1] == '\n'))
 		len--;
-	if (len >= 5 && memcmp(p, "HTTP/", 5) == 0) {
+	if (is_status_line(p, len)) {
 		r->head_buf.len = 0;
 		r->head_bytes = n;
 		r->head_done = 0;
@@ -522,11 +540,18 @@ static size_t on_header(char *p, size_t size, size_t nmemb, void *ud)
 		/* Two different lengths: which one frames the body is anyone's
 		 * guess (curl takes the last), the setup of response splitting.
 		 * A protocol error, as breaker.cosocket has it. */
+		const char *v = p + i;
 		size_t vlen = len - i;
-		if (r->clen_len == 0) {
-			r->clen_len = (unsigned char)(vlen < sizeof(r->clen) - 1 ? vlen : sizeof(r->clen) - 1);
-			memcpy(r->clen, p + i, r->clen_len);
-		} else if (vlen != r->clen_len || memcmp(r->clen, p + i, vlen) != 0) {
+		while (vlen > 1 && v[0] == '0') {  /* "05" is 5 */
+			v++;
+			vlen--;
+		}
+		if (vlen > sizeof(r->clen)) {
+			/* past 10^23: no length at all, and curl refuses it */
+		} else if (r->clen_len == 0) {
+			r->clen_len = (unsigned char)vlen;
+			memcpy(r->clen, v, vlen);
+		} else if (vlen != r->clen_len || memcmp(r->clen, v, vlen) != 0) {
 			r->abort = ABORT_LENGTHS;
 			return 0;
 		}

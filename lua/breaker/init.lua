@@ -168,7 +168,8 @@ local function record_args(permit, latency, retry_after)
 end
 
 local function notice_once(self)
-  local ud = self._ud
+  local ud = rawget(self, "_ud")
+  if ud == nil then return end -- a callback closed the breaker
   local g = ud:generation()
   local list = ud:transitions(self._gen)
   local last = list[#list]
@@ -195,17 +196,21 @@ end
 -- notice waits until every callback has heard of the transition that ran
 -- it, and then reports what came after, so all of them see transitions in
 -- order. Bounded: callbacks that keep moving it get 8 rounds.
+-- The coroutine running a notice is the one that defers: another one (the
+-- first may have yielded in a callback and never come back) runs its own.
+local MAIN, running = {}, coroutine.running
 local function notice(self)
-  if self._noticing then
+  local co = running() or MAIN
+  if self._noticing == co then
     self._renotice = true
     return
   end
-  self._noticing = true
+  self._noticing = co
   local ok, err
   for _ = 1, 8 do
     self._renotice = false
     ok, err = pcall(notice_once, self)
-    if not ok or not self._renotice then break end
+    if not ok or not self._renotice or rawget(self, "_ud") == nil then break end
   end
   self._noticing = false
   if not ok then error(err, 0) end
@@ -368,9 +373,12 @@ end
 -- a failure; a raised error comes back as nil, err (kind "error" unless it
 -- was already a breaker.error).
 function B:call(fn, ...)
-  if type(fn) ~= "function" then -- a caller's mistake, not an upstream failure
-    local m = getmetatable(fn)
-    if not (m and m.__call) then error("b:call: expected a function as #1, got " .. type(fn), 2) end
+  local tf = type(fn)
+  if tf ~= "function" and tf ~= "cdata" and tf ~= "userdata" then -- a caller's mistake
+    local m = tf == "table" and getmetatable(fn) -- (a protected metatable may hide __call)
+    if not m or (type(m) == "table" and not m.__call) then
+      error("b:call: expected a function as #1, got " .. tf, 2)
+    end
   end
   local permit, err = allow(self)
   if not permit then return nil, err end

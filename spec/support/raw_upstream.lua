@@ -83,6 +83,15 @@ local ANSWERS = {
     send(c, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n" .. ("X: a\r\n"):rep(40000) .. "\r\nhi")
   end,
   ["/empty_200"] = function(c) send(c, ok("")) end,
+  -- trailers that look like a status line, then like headers
+  ["/trailer_status"] = function(c)
+    send(c, "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-A: head\r\n\r\n" ..
+            "2\r\nhi\r\n0\r\nHTTP/1.1: x\r\nLocation: http://evil/\r\n\r\n")
+  end,
+  ["/lengths_long_same"] = function(c)
+    local cl = "Content-Length: 000000000000000000000000002\r\n"
+    send(c, "HTTP/1.1 200 OK\r\n" .. cl .. cl .. "\r\nhi")
+  end,
   -- one header value continued on 20k folded lines
   ["/folded_flood"] = function(c)
     send(c, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX: a\r\n" .. (" b\r\n"):rep(20000) .. "\r\nhi")
