@@ -214,7 +214,7 @@ describe("breaker.cosocket in nginx", function()
     assert.are.equal(200, out.res.status, cjson.encode(out))
     -- the certificate names localhost only
     out = run{ req = { url = "https://127.0.0.1:" .. tls.port .. "/echo" } }
-    assert.are.equal("tls", out.err.kind)
+    assert.are.equal("tls", out.err and out.err.kind, cjson.encode(out))
     out = run{ req = { url = "https://127.0.0.1:" .. tls.port .. "/echo" },
                opts = { insecure_skip_verify = true } }
     assert.are.equal(200, out.res.status)

@@ -496,7 +496,17 @@ local function perform(self, ngx, q, t0, deadline)
     ms = left_ms(deadline)
     if not ms then sock:close(); return fail("timeout", "timed out before the TLS handshake") end
     sock:settimeouts(math.max(1, min(ms, floor(q.connect_timeout * 1000))), ms, ms)
-    ok, err = sock:sslhandshake(nil, q.host, verify)
+    -- lua-resty-core (Debian's 0.1.24 among others) asserts when the
+    -- handshake completes at once and the certificate check then fails
+    -- (lua-resty-core issue #499): that raise is this handshake's failure.
+    -- (Passing `false` for the session would skip the assert, and with it
+    -- the certificate's verdict.)
+    local pok
+    pok, ok, err = pcall(sock.sslhandshake, sock, nil, q.host, verify)
+    if not pok then
+      if not find(tostring(ok), "assertion failed", 1, true) then sock:close(); error(ok, 0) end
+      ok, err = nil, "certificate verification failed (" .. tostring(ok) .. ")"
+    end
     if not ok then
       sock:close()
       if err == "timeout" then return fail("timeout", "TLS handshake: timeout") end
