@@ -505,6 +505,12 @@ describe("breaker", function()
       feed(b2, 1, "failure")
       b2:record(assert(b2:allow()), "failure", 0.1, 2)
       assert.equal(30, b2:stats().open_duration)
+      -- and a huge one holds it open an hour at most
+      local b3 = breaker.new(name(), { window_size = 2, minimum_calls = 2, open_duration = 5 })
+      feed(b3, 1, "failure")
+      b3:record(assert(b3:allow()), "failure", 0.1, 2147483647)
+      local _, e3 = b3:allow()
+      assert.near(3600, e3.retry_after, 1e-6)
     end)
   end)
 

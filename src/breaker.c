@@ -26,6 +26,7 @@
 /* Durations and clock values are kept in int64 nanoseconds: at most 1e9 s
  * (31 years) each, so sums of two stay far from overflow. */
 #define MAX_SECONDS 1e9
+#define RETRY_AFTER_MAX 3600.0  /* the longest a retry_after stretches an open */
 
 /* Count-window slot: one byte per outcome. */
 #define SLOT_USED 0x01
@@ -582,6 +583,10 @@ static void go_open(brk_t *b, int reason, double retry_after, int64_t now)
 		double r = (double)(rng_next(b) >> 11) / 9007199254740992.0; /* [0,1) */
 		d *= 1 + c->open_duration_jitter * (2 * r - 1);
 	}
+	/* a server's Retry-After stretches the open time, by an hour at most:
+	 * a garbage or hostile value cannot lock a breaker for years */
+	if (retry_after > RETRY_AFTER_MAX)
+		retry_after = RETRY_AFTER_MAX;
 	if (retry_after > d)
 		d = retry_after;
 	if (!(d <= MAX_SECONDS))

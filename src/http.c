@@ -597,19 +597,25 @@ static size_t on_write(char *p, size_t size, size_t nmemb, void *ud)
  * Requests
  * ---------------------------------------------------------------------- */
 
-static int header_is(const http_header *h, const char *name)
+/* 1 when the header name s[0, len) is `lower` (lower case), in any case. */
+static int name_is(const char *s, size_t len, const char *lower)
 {
-	size_t i, n = strlen(name);
-	if (h->name_len != n)
+	size_t i;
+	if (strlen(lower) != len)
 		return 0;
-	for (i = 0; i < n; i++) {
-		char ch = h->name[i];
+	for (i = 0; i < len; i++) {
+		char ch = s[i];
 		if (ch >= 'A' && ch <= 'Z')
 			ch = (char)(ch - 'A' + 'a');
-		if (ch != name[i])
+		if (ch != lower[i])
 			return 0;
 	}
 	return 1;
+}
+
+static int header_is(const http_header *h, const char *name)
+{
+	return name_is(h->name, h->name_len, name);
 }
 
 /* Length of the line for h: "name: value", or "name;" for an empty value
@@ -641,23 +647,8 @@ static char *write_header_line(char *p, const http_header *h)
  * binding raises on the same rules before. */
 int http_is_framing_header(const char *s, size_t len)
 {
-	static const char *const names[] = { "content-length", "transfer-encoding", "connection" };
-	size_t i, j;
-	for (i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
-		const char *n = names[i];
-		if (strlen(n) != len)
-			continue;
-		for (j = 0; j < len; j++) {
-			char ch = s[j];
-			if (ch >= 'A' && ch <= 'Z')
-				ch = (char)(ch - 'A' + 'a');
-			if (ch != n[j])
-				break;
-		}
-		if (j == len)
-			return 1;
-	}
-	return 0;
+	return name_is(s, len, "content-length") || name_is(s, len, "transfer-encoding") ||
+	       name_is(s, len, "connection");
 }
 
 static int spec_is_valid(const http_request_spec *spec)

@@ -997,18 +997,22 @@ local function chain(self, first, op)
   return c
 end
 
--- The answer of the client's fallback for a call that failed with `err`, or nil.
+-- The client's counter of each way a fallback answers.
+local FALLBACK_COUNTER = { cache = "fallback_cache", ["function"] = "fallback_fn", value = "fallback_value" }
+
+-- The answer of the client's fallback for a call that failed with `err`, and
+-- how it answered ("cache", "function", "value"), or nil. (run counts it
+-- once the answer has reached the caller.)
 local function use_fallback(self, op, req, err, ckey)
   local fb = self._fallback
   if not fb or not availability_failure(err) or not fb:applies(err, err.kind) then return nil end
-  local t = self._totals
   if ckey then
     local v = self._cache:get(ckey, clock.now_precise())
-    if v ~= nil then t.fallback_cache = t.fallback_cache + 1; return v, "cache" end
+    if v ~= nil then return v, "cache" end
   end
   if fb.fn then
     local ok, v = pcall(fb.fn, err, req)
-    if ok and v ~= nil then t.fallback_fn = t.fallback_fn + 1; return v, "function" end
+    if ok and v ~= nil then return v, "function" end
     if not ok then self.last.fallback_error = scrub(tostring(v), self._secret.key) end
   end
   if fb.has_value and op ~= "embeddings" then
@@ -1017,7 +1021,6 @@ local function use_fallback(self, op, req, err, ckey)
       v = { object = "chat.completion", model = req.model, choices = {
               { index = 0, finish_reason = "stop", message = { role = "assistant", content = v } } } }
     end
-    t.fallback_value = t.fallback_value + 1
     return v, "value"
   end
   return nil
@@ -1107,12 +1110,9 @@ end
 
 -- on_delta (or the transport) raised `v` in a try of `model`: the call
 -- counts as failed, client.last says so, and `v` goes on to the caller as it
--- was raised (no other model, no fallback).
--- The client's counter of each way a fallback answers (see use_fallback).
-local FALLBACK_COUNTER = { cache = "fallback_cache", ["function"] = "fallback_fn", value = "fallback_value" }
-
-local function reraise(self, rep, v, model, t_start)
-  self._totals.failures = self._totals.failures + 1
+-- was raised (no other model, no fallback). `counted`: the failure is counted already.
+local function reraise(self, rep, v, model, t_start, counted)
+  if not counted then self._totals.failures = self._totals.failures + 1 end
   rep.model = nil
   rep.error = new_error("error", "raised: " .. scrub(tostring(v), self._secret.key),
                         { raised = true, model = model, models = rep.models })
@@ -1201,15 +1201,13 @@ local function run(self, op, req, on_delta)
                      and type(v.choices[1].message) == "table" and v.choices[1].message.content
         if type(text) == "string" and text ~= "" then
           local ok, e = pcall(on_delta, text, v, 0)
-          if not ok then -- as any raising on_delta: a failed call, re-raised
-            local fkey = FALLBACK_COUNTER[how]
-            if fkey then totals[fkey] = totals[fkey] - 1 end
-            totals.failures = totals.failures - 1 -- (reraise counts it)
-            return reraise(self, rep, e, last_model, t_start)
+          if not ok then -- as any raising on_delta: a failed call (counted above), re-raised
+            return reraise(self, rep, e, last_model, t_start, true)
           end
         end
       end
       totals.fallbacks = totals.fallbacks + 1
+      totals[FALLBACK_COUNTER[how]] = totals[FALLBACK_COUNTER[how]] + 1
       rep.fallback, rep.error = how, err
       rep.elapsed = clock.now_precise() - t_start
       return v

@@ -76,15 +76,6 @@ local unpack = unpack or table.unpack -- luacheck: ignore 143
 local format = string.format
 local ceil = math.ceil
 local fail, check_keys = retry._fail, retry._check_keys
-
--- The longest a server's Retry-After may hold a breaker open or pause the
--- rate limiter (a retry never waits past retry.max_delay anyway): one hour,
--- so that a garbage or hostile value cannot lock a policy for years.
-local SERVER_HOLD_MAX = 3600
-local function hold(retry_after)
-  if retry_after and retry_after > SERVER_HOLD_MAX then return SERVER_HOLD_MAX end
-  return retry_after
-end
 local is_error = errors.is
 
 -- ---------------------------------------------------------------------------
@@ -482,7 +473,7 @@ local function call_settle(self, rep, fn, n, a1, a2, a3, a4, attempt, deadline, 
     return call_success(self, rep, n, a1, a2, a3, a4, attempt, waited, t_start, t1, ...)
   end
   if permit then
-    b:record(permit, outcome, latency, outcome == "failure" and hold(verdict.retry_after) or nil)
+    b:record(permit, outcome, latency, outcome == "failure" and verdict.retry_after or nil)
   end
   if err == nil then -- a user classifier failed a result that is not an error
     err = errors.new(verdict.kind or "error", verdict.message or "classified as " .. outcome,
@@ -677,9 +668,9 @@ local function request_attempt(self, transport, req, r, rep, ctx, attempt, deadl
     return res
   end
   local retry_after = v.retry_after
-  if permit then b:record(permit, outcome, t1 - t0, outcome == "failure" and hold(retry_after) or nil) end
+  if permit then b:record(permit, outcome, t1 - t0, outcome == "failure" and retry_after or nil) end
   if rl and retry_after and (status == 429 or v.kind == "rate_limited") then
-    rl:pause(t1 + hold(retry_after), t1)
+    rl:pause(t1 + retry_after, t1)
   end
   local err
   if res then
