@@ -407,27 +407,27 @@ local newproxy = rawget(_G, "newproxy")
 local WEAK_V = { __mode = "v" }
 local GC_KEY = "_breaker_metrics" -- the registered client's field: { rec, proxy }
 
+-- Notes the stats table of one model of a breaker.llm client, or of each.
+local function see_model(rec, model, m)
+  if type(m) == "table" and type(m.stats) == "table" then rec.models[model] = m.stats end
+end
+
+local function see_models(rec, models)
+  for model, m in pairs(models) do see_model(rec, model, m) end
+end
+
 -- Follows a breaker.llm client's counter tables: its totals, each model's
 -- stats table, and (through its model table's __newindex, set only if that
 -- table has no metatable) the models it adds later.
-local function see_models(rec, models)
-  for model, m in pairs(models) do
-    if type(m) == "table" and type(m.stats) == "table" then rec.models[model] = m.stats end
-  end
-end
-
 local function follow_llm(rec, c)
   local totals, models = rawget(c, "_totals"), rawget(c, "_models")
   if type(totals) ~= "table" or type(models) ~= "table" then return end
   rec.totals, rec.models = totals, {}
-  local function see(model, m)
-    if type(m) == "table" and type(m.stats) == "table" then rec.models[model] = m.stats end
-  end
   see_models(rec, models)
   if getmetatable(models) == nil then
     setmetatable(models, { __newindex = function(t, k, v)
       rawset(t, k, v)
-      see(k, v)
+      see_model(rec, k, v)
     end })
   end
 end
